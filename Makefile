@@ -1,0 +1,30 @@
+# prune_lab — `make run` installs (first time) and runs the default job; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install run test test-fast bench clean
+
+help:            ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install prune_lab with its test extras
+
+run: $(STAMP)    ## run the default job offline (embedded lab-llama, 25% pruned, PPL before/after)
+	HF_HUB_OFFLINE=1 $(PY) -m prune_lab eval.before=true $(ARGS)
+
+test: $(STAMP)   ## run the whole test suite (lab-model quality tests included)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## tests without the lab-model quality checks
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not lab" $(ARGS)
+
+clean:           ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,39 @@
+"""`python -m prune_lab [overrides]`: the Hydra app (see conf/config.yaml)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from . import schema  # noqa: E402
+from .errors import PruneLabError  # noqa: E402
+from .pipeline import run  # noqa: E402
+
+schema.register()
+log = logging.getLogger("prune_lab")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    try:
+        objective = run(cfg, Path(hc.runtime.output_dir))
+    except PruneLabError as e:
+        if hc.mode == RunMode.MULTIRUN:   # let the sweeper record a failed trial
+            raise
+        print(f"prune_lab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("objective (perplexity): %.4f", objective)
+    return objective
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Architecture adapter: every decoder layer seen as attention (q/k/v/o) + MLP (gate/up/down).
+
+Head counts are read off the projection widths, not the config, so the same view works on a
+model whose layers were pruned to different widths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .errors import UnsupportedArchitecture
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class AttentionView:
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    head_dim: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (the GQA ratio G)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def group_cost(self) -> int:
+        """Parameters removed with one GQA group (q/k/v rows + biases, o columns)."""
+        hd, g = self.head_dim, self.group_size
+        cost = (g * hd + 2 * hd) * self.q.in_features + self.o.out_features * g * hd
+        for lin, rows in ((self.q, g * hd), (self.k, hd), (self.v, hd)):
+            if lin.bias is not None:
+                cost += rows
+        return cost
+
+    @property
+    def num_params(self) -> int:
+        return sum(_linear_params(m) for m in (self.q, self.k, self.v, self.o))
+
+
+@dataclass
+class MLPView:
+    module: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+    @property
+    def width(self) -> int:
+        return self.up.out_features
+
+    @property
+    def channel_cost(self) -> int:
+        hidden = self.up.in_features
+        cost = 2 * hidden + self.down.out_features
+        cost += sum(1 for lin in (self.gate, self.up) if lin.bias is not None)
+        return cost
+
+    @property
+    def num_params(self) -> int:
+        return sum(_linear_params(m) for m in (self.gate, self.up, self.down))
+
+
+@dataclass
+class LayerView:
+    index: int
+    module: nn.Module
+    attn: AttentionView
+    mlp: MLPView
+
+    @property
+    def num_params(self) -> int:
+        return self.attn.num_params + self.mlp.num_params
+
+
+def _linear_params(lin: nn.Linear) -> int:
+    return lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+
+
+def model_family(model: nn.Module) -> str:
+    return getattr(model.config, "model_type", type(model).__name__)
+
+
+def check_supported(model: nn.Module) -> None:
+    family = model_family(model)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture '{family}': prune_lab supports {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    check_supported(model)
+    return model.model.layers
+
+
+def layer_views(model: nn.Module) -> list[LayerView]:
+    """One view per decoder layer, in order."""
+    hd = head_dim_of(model.config)
+    views = []
+    for i, layer in enumerate(decoder_layers(model)):
+        a, m = layer.self_attn, layer.mlp
+        attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                             getattr(a, "q_norm", None), getattr(a, "k_norm", None), hd)
+        views.append(LayerView(i, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj)))
+    return views
+
+
+def decoder_linear_params(model: nn.Module) -> int:
+    """Parameters of all decoder attention + MLP projections (the pruning budget's base)."""
+    return sum(v.num_params for v in layer_views(model))
+
+
+def layer_shapes(model: nn.Module) -> list[dict]:
+    """Per-layer manifest: query heads, KV heads and MLP width of every remaining layer."""
+    return [
+        {"q_heads": v.attn.num_heads, "kv_heads": v.attn.num_kv_heads, "mlp_width": v.mlp.width}
+        for v in layer_views(model)
+    ]

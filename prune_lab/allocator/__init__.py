@@ -1,0 +1,7 @@
+"""Budget allocators (twin of conf/allocator/*.yaml). Each turns scores into a PruningPlan."""
+from .base import Allocator, Uniform, parse_distribution
+from .depth import Depth
+from .global_table import Global, unit_table
+from .layerwise import Layerwise
+
+__all__ = ["Allocator", "Uniform", "Layerwise", "Global", "Depth", "unit_table", "parse_distribution"]

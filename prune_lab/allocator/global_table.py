@@ -1,0 +1,85 @@
+"""Global allocation: one table of every unit, pruned lowest score (importance/cost) first."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import BudgetError
+from ..plan import PruningPlan
+from .base import Allocator, take_in_order
+
+
+def unit_table(scores, views) -> pd.DataFrame:
+    """Every GQA group and MLP channel: layer, type, index, importance, cost, score = I/C."""
+    parts = []
+    for v in views:
+        for kind, imp, cost in (("attn_group", scores.attn[v.index], v.attn.group_cost),
+                                ("mlp_channel", scores.mlp[v.index], v.mlp.channel_cost)):
+            imp = imp.double().cpu().numpy()
+            parts.append(pd.DataFrame({"layer": v.index, "type": kind, "index": np.arange(len(imp)),
+                                       "importance": imp, "cost": cost}))
+    df = pd.concat(parts, ignore_index=True)
+    df["score"] = df["importance"] / df["cost"]
+    return df
+
+
+class Global(Allocator):
+    """Prune the lowest-score units across all layers until the parameter budget is met.
+
+    remove_empty_layers=true lets a layer lose everything (depth pruning); a layer never loses
+    only its attention or only its MLP. Otherwise each layer keeps its best group and channel.
+    """
+
+    def __init__(self, ratio: float = 0.25, remove_empty_layers: bool = False,
+                 layer_start: int = 0, layer_end: int | None = None):
+        super().__init__(ratio, layer_start, layer_end)
+        self.remove_empty_layers = remove_empty_layers
+        self.table: pd.DataFrame | None = None
+
+    def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
+        target = self.target(views)
+        df = unit_table(scores, views)
+        df["allowed"] = self.eligible(views)[df["layer"].to_numpy()]
+        df = df.sort_values(["score", "layer", "type", "index"], kind="stable").reset_index(drop=True)
+        protect = self._protected(df) if not self.remove_empty_layers else np.zeros(len(df), bool)
+        while True:
+            chosen = take_in_order(df["cost"].to_numpy(float), target, df["allowed"].to_numpy() & ~protect)
+            half_empty = self._half_empty_layers(df, chosen) if self.remove_empty_layers else []
+            if not half_empty:
+                break
+            protect |= self._protected(df, layers=half_empty)
+        df["pruned"] = chosen
+        self.table = df
+        removed_layers = self._emptied_layers(df)
+        achieved = df.loc[chosen & ~df["layer"].isin(removed_layers), "cost"].sum()
+        achieved += sum(views[i].num_params for i in removed_layers)
+        unit_min = df["cost"].min()
+        if achieved < target - unit_min:
+            raise BudgetError(f"budget of {target} params cannot be met (reached {achieved}) without "
+                              f"emptying layers: set allocator.remove_empty_layers=true or a lower ratio")
+        pruned = df[chosen & ~df["layer"].isin(removed_layers)]
+        by = {t: pruned[pruned["type"] == t].groupby("layer")["index"].apply(list).to_dict()
+              for t in ("attn_group", "mlp_channel")}
+        return PruningPlan(by["attn_group"], by["mlp_channel"], removed_layers, target)
+
+    @staticmethod
+    def _protected(df: pd.DataFrame, layers=None) -> np.ndarray:
+        """Mark the best-scoring unit of each (layer, type) so that it is kept."""
+        sub = df if layers is None else df[df["layer"].isin(layers)]
+        idx = sub.sort_values("score", kind="stable").groupby(["layer", "type"]).tail(1).index
+        mask = np.zeros(len(df), dtype=bool)
+        mask[idx] = True
+        return mask
+
+    @staticmethod
+    def _emptied(df: pd.DataFrame, chosen: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"layer": df["layer"], "type": df["type"], "kept": ~chosen}).groupby(
+            ["layer", "type"])["kept"].sum().unstack("type") == 0
+
+    def _half_empty_layers(self, df, chosen) -> list[int]:
+        empty = self._emptied(df, chosen)
+        return empty.index[empty.sum(1) == 1].tolist()
+
+    def _emptied_layers(self, df) -> list[int]:
+        empty = self._emptied(df, df["pruned"].to_numpy())
+        return empty.index[empty.all(1)].tolist()

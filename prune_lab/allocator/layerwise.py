@@ -1,0 +1,101 @@
+"""Layer-wise allocation: per-layer rates from layer importance, budget split attention:MLP."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import BudgetError, PruneLabError
+from ..plan import PruningPlan
+from .base import Allocator, largest_remainder, lowest, parse_distribution
+
+STRATEGIES = ("inverse", "proportional", "uniform")
+
+
+def solve_rates(weights: np.ndarray, params: np.ndarray, budget: float,
+                min_rate: float, max_rate: float) -> np.ndarray:
+    """Rates r_l = clip(k*w_l, min, max) on layers with w_l > 0, with k chosen so Σ r_l·P_l = budget."""
+    active = weights > 0
+    rates = np.zeros_like(weights, dtype=float)
+    if budget <= 0 or not active.any():
+        return rates
+    if (max_rate * params[active]).sum() < budget - 1e-6:
+        raise BudgetError(f"budget of {budget:.0f} params cannot be met with max_rate={max_rate} "
+                          f"on {int(active.sum())} prunable layers")
+    lo, hi = 0.0, max_rate / weights[active].min() + 1.0
+    for _ in range(100):   # bisection; removed(k) is monotone in k
+        k = (lo + hi) / 2
+        removed = (np.clip(k * weights[active], min_rate, max_rate) * params[active]).sum()
+        lo, hi = (k, hi) if removed < budget else (lo, k)
+    rates[active] = np.clip(hi * weights[active], min_rate, max_rate)
+    return rates
+
+
+class Layerwise(Allocator):
+    """Per-layer rates from layer importance.
+
+    strategy: inverse  -> w = 1/(I+eps)^alpha  (less important layers lose more)
+              proportional -> w = (1 - I + eps)^alpha  (linear in un-importance)
+              uniform  -> w = 1
+    with I the layer importance scaled to [0, 1]. Rates are clipped to [min_rate, max_rate];
+    the freeze_top_n most important layers and layers outside [layer_start, layer_end) keep
+    everything. `distribution` "x:y" splits the parameter budget between attention and MLP.
+    """
+
+    needs_layer_importance = True
+
+    def __init__(self, ratio: float = 0.25, strategy: str = "inverse", alpha: float = 1.0,
+                 eps: float = 0.05, min_rate: float = 0.0, max_rate: float = 0.9,
+                 freeze_top_n: int = 0, layer_start: int = 0, layer_end: int | None = None,
+                 distribution: str = "3:7"):
+        super().__init__(ratio, layer_start, layer_end)
+        if strategy not in STRATEGIES:
+            raise PruneLabError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+        if not 0 <= min_rate <= max_rate <= 1:
+            raise PruneLabError(f"need 0 <= min_rate <= max_rate <= 1, got {min_rate}, {max_rate}")
+        if freeze_top_n < 0:
+            raise PruneLabError(f"freeze_top_n must be >= 0, got {freeze_top_n}")
+        self.strategy, self.alpha, self.eps = strategy, alpha, eps
+        self.min_rate, self.max_rate, self.freeze_top_n = min_rate, max_rate, freeze_top_n
+        self.attn_share, self.mlp_share = parse_distribution(distribution)
+
+    def layer_weights(self, importance: torch.Tensor, eligible: np.ndarray) -> np.ndarray:
+        imp = importance.double().cpu().numpy()
+        rel = np.clip(imp - imp[eligible].min(), 0, None)
+        rel = rel / rel[eligible].max() if rel[eligible].max() > 0 else np.zeros_like(rel)
+        if self.strategy == "inverse":
+            w = 1.0 / (rel + self.eps) ** self.alpha
+        elif self.strategy == "proportional":
+            w = (1.0 - rel + self.eps) ** self.alpha
+        else:
+            w = np.ones_like(rel)
+        w = np.where(eligible, w, 0.0)
+        if self.freeze_top_n:
+            cand = np.flatnonzero(eligible)
+            if self.freeze_top_n >= len(cand):
+                raise BudgetError(f"freeze_top_n={self.freeze_top_n} freezes all {len(cand)} prunable layers")
+            w[cand[np.argsort(-imp[cand], kind="stable")[: self.freeze_top_n]]] = 0.0
+        return w
+
+    def _allocate(self, weights, views, budget, kind: str) -> dict[int, list[int]]:
+        units = [getattr(v, kind) for v in views]
+        params = np.array([u.num_params for u in units], dtype=float)
+        n_units = np.array([u.num_kv_heads if kind == "attn" else u.width for u in units])
+        unit_cost = np.array([u.group_cost if kind == "attn" else u.channel_cost for u in units], float)
+        rates = solve_rates(weights, params, budget, self.min_rate, self.max_rate)
+        cap = np.where(weights > 0, n_units - 1, 0)
+        total = int(round(budget / unit_cost[weights > 0].mean())) if (weights > 0).any() else 0
+        counts = largest_remainder(rates * n_units, min(total, int(cap.sum())), cap)
+        return {i: c for i, c in enumerate(counts) if c > 0}
+
+    def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
+        if layer_importance is None:
+            raise PruneLabError("allocator=layerwise needs layer importance (layer_importance=removal|activation)")
+        target = self.target(views)
+        weights = self.layer_weights(layer_importance, self.eligible(views))
+        attn_counts = self._allocate(weights, views, target * self.attn_share, "attn") if self.attn_share else {}
+        attn = {i: lowest(scores.attn[i], c) for i, c in attn_counts.items()}
+        attn_removed = sum(len(g) * views[i].attn.group_cost for i, g in attn.items())
+        mlp_budget = target - attn_removed if self.mlp_share else 0
+        mlp_counts = self._allocate(weights, views, mlp_budget, "mlp") if mlp_budget > 0 else {}
+        mlp = {i: lowest(scores.mlp[i], c) for i, c in mlp_counts.items()}
+        return PruningPlan(attn, mlp, [], target)

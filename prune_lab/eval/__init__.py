@@ -1,0 +1,32 @@
+"""Evaluation (twin of conf/eval/*.yaml): perplexity, zero-shot, efficiency."""
+from __future__ import annotations
+
+from .ppl import perplexity
+
+
+class Evaluator:
+    """Runs the configured evaluations on a model and returns a flat dict of metrics."""
+
+    def __init__(self, before: bool = False, ppl: dict | None = None,
+                 zeroshot: dict | None = None, efficiency: dict | None = None):
+        self.before, self.ppl, self.zeroshot, self.efficiency = before, ppl, zeroshot, efficiency
+
+    def __call__(self, model, tokenizer, datasets: dict, streams, tag: str = "") -> dict:
+        """datasets: name -> TextDataset; streams: TokenStreams of the tokenizer."""
+        out: dict = {}
+        if self.ppl:
+            cfg = self.ppl
+            for name in cfg["datasets"]:
+                stream = streams(datasets[name], cfg["split"])
+                out[f"ppl/{name}"] = perplexity(model, stream, cfg["seq_len"], cfg["batch_size"],
+                                                cfg.get("max_windows"), desc=f"ppl {name} {tag}".strip())
+        if self.zeroshot:
+            from .zeroshot import zero_shot
+            out.update(zero_shot(model, tokenizer, **self.zeroshot))
+        if self.efficiency:
+            from .efficiency import efficiency
+            out.update(efficiency(model, tokenizer, **self.efficiency))
+        return out
+
+    def dataset_names(self) -> list[str]:
+        return list(self.ppl["datasets"]) if self.ppl else []

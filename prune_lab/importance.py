@@ -1,0 +1,144 @@
+"""Unit importance criteria (twin of conf/importance/*.yaml).
+
+Each criterion maps (model, calibration batches) -> UnitScores. Gradient criteria run one
+forward/backward per batch for all layers at once; accumulators are fp32.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import layer_views
+from .scores import UnitScores, add_into, reduce_to_units
+
+
+def _decoder_linears(views):
+    for v in views:
+        yield from (v.attn.q, v.attn.k, v.attn.v, v.attn.o, v.mlp.gate, v.mlp.up, v.mlp.down)
+
+
+def _param(lin, name):
+    return getattr(lin, name)
+
+
+class Importance:
+    """Base class; `needs_data` tells the pipeline whether calibration batches are used."""
+
+    needs_data = True
+    name = "importance"
+
+    def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class Magnitude(Importance):
+    """L1 norm of every weight of the unit: sum |θ|."""
+
+    needs_data = False
+    name = "magnitude"
+
+    @torch.no_grad()
+    def __call__(self, model, batches=None, seed: int = 0) -> UnitScores:
+        return reduce_to_units(layer_views(model), lambda lin, n: _param(lin, n).abs())
+
+
+class Random(Importance):
+    """Uniform random unit scores from the job seed (the baseline every criterion must beat)."""
+
+    needs_data = False
+    name = "random"
+
+    def __call__(self, model, batches=None, seed: int = 0) -> UnitScores:
+        gen = torch.Generator().manual_seed(seed)
+        views = layer_views(model)
+        return UnitScores([torch.rand(v.attn.num_kv_heads, generator=gen) for v in views],
+                          [torch.rand(v.mlp.width, generator=gen) for v in views])
+
+
+class Taylor(Importance):
+    """First-order Taylor |θ·g| (g = mean gradient over calibration batches).
+
+    With second_order=True adds ½·θ²·E[g²] (diagonal Fisher), accumulated per unit batch by batch
+    so no full-size second-moment copy is kept.
+    """
+
+    def __init__(self, second_order: bool = False):
+        self.second_order = second_order
+        self.name = "taylor_2nd" if second_order else "taylor"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "second_order": self.second_order}
+
+    def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
+        views = layer_views(model)
+        linears = list(_decoder_linears(views))
+        params = [p for lin in linears for p in lin.parameters()]
+        saved_flags = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        grad_sum = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
+        fisher: UnitScores | None = None
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in tqdm(batches, desc=self.name, leave=False):
+                batch = batch.to(model.device)
+                loss = model(batch, labels=batch).loss
+                loss.backward()
+                with torch.no_grad():
+                    for p in params:
+                        grad_sum[p] += p.grad.float()
+                    if self.second_order:
+                        fisher = add_into(fisher, reduce_to_units(
+                            views, lambda lin, n: (_param(lin, n).float() * _param(lin, n).grad.float()) ** 2))
+                model.zero_grad(set_to_none=True)
+        finally:
+            for p, flag in saved_flags.items():
+                p.requires_grad_(flag)
+            model.train(was_training)
+        n = len(batches)
+        with torch.no_grad():
+            scores = reduce_to_units(
+                views, lambda lin, name: (_param(lin, name).float() * grad_sum[_param(lin, name)] / n).abs())
+            if self.second_order:
+                for s, f in zip(scores.attn + scores.mlp, fisher.attn + fisher.mlp):
+                    s += 0.5 * f / n
+        return scores
+
+
+class Wanda(Importance):
+    """|θ|·‖x‖: weight magnitude times the L2 norm of its input feature over calibration tokens."""
+
+    name = "wanda"
+
+    @torch.no_grad()
+    def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
+        views = layer_views(model)
+        linears = list(_decoder_linears(views))
+        sq = {lin: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+              for lin in linears}
+
+        def hook(lin, inputs, _out):
+            x = inputs[0].detach().float()
+            sq[lin] += x.reshape(-1, x.size(-1)).pow(2).sum(0)
+
+        handles = [lin.register_forward_hook(hook) for lin in linears]
+        try:
+            for batch in tqdm(batches, desc=self.name, leave=False):
+                model(batch.to(model.device))
+        finally:
+            for h in handles:
+                h.remove()
+        norms = {lin: s.sqrt() for lin, s in sq.items()}
+
+        def per_weight(lin, name):
+            p = _param(lin, name).float().abs()
+            if name == "bias":    # a bias sees a constant input of 1 per token
+                return p * torch.sqrt(torch.tensor(float(sum(b.numel() for b in batches))))
+            return p * norms[lin]
+        return reduce_to_units(views, per_weight)

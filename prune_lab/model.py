@@ -1,0 +1,140 @@
+"""Model loaders (twin of conf/model/*.yaml): embedded lab model, any HF dir/hub id, tiny random."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .adapter import check_supported
+from .errors import PruneLabError
+
+ASSETS = Path(__file__).parent / "assets"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise PruneLabError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+class HFModel:
+    """Any local directory or hub id, through AutoModelForCausalLM / AutoTokenizer."""
+
+    def __init__(self, path: str, dtype: str = "float32", device: str = "auto",
+                 attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 revision: str | None = None, tokenizer: str | None = None):
+        self.path, self.tokenizer_path = str(path), str(tokenizer or path)
+        self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
+        self.attn_implementation, self.revision = attn_implementation, revision
+        self.trust_remote_code = trust_remote_code
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def _check_path(self) -> None:
+        if _looks_local(self.path) and not Path(self.path).expanduser().is_dir():
+            raise PruneLabError(f"model path '{self.path}' does not exist or is not a directory")
+
+    def load(self):
+        self._check_path()
+        path = str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.dtype, attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code, revision=self.revision)
+            tokenizer = self.load_tokenizer()
+        except OSError as e:
+            raise PruneLabError(
+                f"cannot load model '{self.path}': not found locally and the Hugging Face hub is "
+                f"unreachable or refused it ({str(e).splitlines()[0]})") from e
+        check_supported(model)
+        return model.to(self.device).eval(), tokenizer
+
+    def load_tokenizer(self):
+        tok_path = self.tokenizer_path
+        if _looks_local(tok_path):
+            tok_path = str(Path(tok_path).expanduser())
+        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=self.trust_remote_code,
+                                            revision=self.revision)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+
+class EmbeddedModel(HFModel):
+    """A model shipped inside the package (prune_lab/assets), e.g. the lab-llama default."""
+
+    def __init__(self, name: str = "lab-llama", **kwargs):
+        path = ASSETS / name
+        if not path.is_dir():
+            raise PruneLabError(f"no embedded model '{name}' (have: {_embedded_names()})")
+        super().__init__(path=str(path), **kwargs)
+        self.embedded_name = name
+
+    @property
+    def name(self) -> str:
+        return self.embedded_name
+
+
+def _embedded_names() -> str:
+    return ", ".join(p.name for p in ASSETS.iterdir() if (p / "config.json").exists())
+
+
+class RandomModel(HFModel):
+    """A tiny randomly initialised model built from config (no download), for tests and dry runs.
+
+    Uses the embedded lab tokenizer, so vocab_size must be >= its 8192 tokens.
+    """
+
+    def __init__(self, arch: str = "llama", hidden_size: int = 64, num_hidden_layers: int = 2,
+                 num_attention_heads: int = 8, num_key_value_heads: int = 2, head_dim: int = 8,
+                 intermediate_size: int = 96, vocab_size: int = 8192, attention_bias: bool = False,
+                 seed: int = 0, **kwargs):
+        super().__init__(path=str(ASSETS / "lab-llama"), **kwargs)
+        self.arch, self.seed = arch, seed
+        self.shape = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=num_attention_heads, head_dim=head_dim,
+                          num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+                          intermediate_size=intermediate_size, attention_bias=attention_bias)
+
+    @property
+    def name(self) -> str:
+        return f"random-{self.arch}"
+
+    def build(self):
+        config = AutoConfig.for_model(self.arch, **self.shape, tie_word_embeddings=False,
+                                      max_position_embeddings=512)
+        config._attn_implementation = self.attn_implementation
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        check_supported(model)
+        return model.to(self.device).eval()
+
+    def load(self):
+        return self.build(), self.load_tokenizer()
+
+
+class PrunedModel(HFModel):
+    """A checkpoint written by prune_lab (output.save_model=true), rebuilt from its manifest."""
+
+    def load(self):
+        from .checkpoint import load_pruned
+        self._check_path()
+        model = load_pruned(self.path, dtype=self.dtype, device=self.device,
+                            attn_implementation=self.attn_implementation)
+        return model.eval(), self.load_tokenizer()

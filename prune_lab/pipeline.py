@@ -1,0 +1,129 @@
+"""The one entry function: load -> score -> allocate -> prune -> (recover) -> evaluate -> record.
+
+Read it top to bottom; every component comes from its config node's `_target_`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .adapter import decoder_linear_params, layer_shapes, layer_views
+from .cache import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
+from .data import TokenStreams, load_named
+from .errors import PruneLabError
+from .prune import apply_plan, max_logit_difference
+from .record import RunRecord
+
+
+def model_stats(model) -> dict:
+    return {"params_total": sum(p.numel() for p in model.parameters()),
+            "params_decoder_linear": decoder_linear_params(model),
+            "num_layers": len(layer_views(model))}
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Run one job; metrics.json says running -> ok | failed. Returns the objective (PPL)."""
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir)
+    try:
+        objective = _run(cfg, run_dir, record)
+    except BaseException as e:
+        record.finish("failed", e)
+        raise
+    record.finish("ok")
+    return objective
+
+
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
+    torch.manual_seed(cfg.seed)
+    # Build every component first, so bad configuration fails before any heavy work.
+    loader = instantiate(cfg.model)
+    dataset = instantiate(cfg.data)
+    calibration = instantiate(cfg.calibration)
+    importance = instantiate(cfg.importance)
+    layer_importance = instantiate(cfg.layer_importance) if cfg.layer_importance else None
+    allocator = instantiate(cfg.allocator)
+    finetuner = instantiate(cfg.finetune)
+    evaluator = instantiate(cfg.eval, _convert_="all")
+    cache = ScoreCache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    if allocator.needs_layer_importance and layer_importance is None:
+        raise PruneLabError(f"{type(allocator).__name__.lower()} allocation needs layer importance: "
+                            f"set layer_importance=removal or activation")
+
+    with record.stage("load"):
+        model, tokenizer = loader.load()
+        streams = TokenStreams(tokenizer)
+        eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
+    record["model"] = {"name": loader.name, "dense": model_stats(model)}
+
+    if evaluator.before:
+        with record.stage("eval_dense"):
+            record["dense"] = evaluator(model, tokenizer, eval_sets, streams, tag="dense")
+
+    with record.stage("score"):
+        cal_stream = streams(dataset, calibration.split)
+        record["data_fingerprint"] = {"calibration": dataset.fingerprint(calibration.split)}
+        batches = calibration.batches(cal_stream, cfg.seed)
+        base_key = {"model": model_fingerprint(model), "tokens": tokens_fingerprint(batches),
+                    "seed": cfg.seed}
+        scores, reused = cache.unit_scores(
+            cache_key(**base_key, importance=OmegaConf.to_container(cfg.importance, resolve=True)),
+            lambda: importance(model, batches, cfg.seed))
+        scores.check_finite()
+        layer_scores, layer_reused = None, None
+        if layer_importance is not None:
+            layer_scores, layer_reused = cache.layer_scores(
+                cache_key(**base_key, layer=OmegaConf.to_container(cfg.layer_importance, resolve=True)),
+                lambda: layer_importance(model, batches))
+    record["scores"] = {"reused": reused, "layer_reused": layer_reused}
+    if cfg.output.save_scores:
+        scores.save(run_dir / "scores.safetensors")
+
+    with record.stage("allocate"):
+        views = layer_views(model)
+        plan = allocator(scores, views, layer_scores)
+        plan.save(run_dir / "plan.csv")
+        if getattr(allocator, "table", None) is not None:
+            allocator.table.to_csv(run_dir / "unit_table.csv", index=False)
+    record["plan"] = plan.summary(views)
+
+    with record.stage("prune"):
+        dense_copy = copy.deepcopy(model) if cfg.verify else None
+        apply_plan(model, plan)
+    record["model"]["pruned"] = model_stats(model)
+    record["model"]["layers"] = layer_shapes(model)
+    if dense_copy is not None:
+        with record.stage("verify"):
+            record["verify"] = {"max_logit_diff": max_logit_difference(model, dense_copy, plan, batches[0])}
+        del dense_copy
+
+    with record.stage("recover"):
+        record["finetune"] = finetuner(model, tokenizer, streams(dataset, "train"), seed=cfg.seed,
+                                       run_dir=run_dir)
+
+    with record.stage("evaluate"):
+        results = evaluator(model, tokenizer, eval_sets, streams, tag="pruned")
+    record["pruned"] = results
+
+    if cfg.output.save_model:
+        from .checkpoint import save_pruned
+        with record.stage("save"):
+            save_pruned(model, tokenizer, run_dir / "model")
+    if cfg.output.plots:
+        from .plots import write_run_plots
+        with record.stage("plots"):
+            write_run_plots(run_dir, plan, scores, layer_scores, views_before=views)
+    record.write()
+    return objective_of(results)
+
+
+def objective_of(results: dict) -> float:
+    """The value sweepers minimise: perplexity on the first evaluated dataset."""
+    for key, value in results.items():
+        if key.startswith("ppl/"):
+            return float(value)
+    raise PruneLabError("no perplexity was evaluated: keep eval.ppl to have an objective")

@@ -1,0 +1,271 @@
+"""Typed job schema, registered in Hydra's ConfigStore.
+
+Every option file in conf/<group>/ extends its schema here (`/schema/<group>/<name>@_here_`),
+so a misspelt key or a wrong type fails at compose time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- model -------------------------------------------------------------------------------
+@dataclass
+class ModelConf:
+    _target_: str = MISSING
+    dtype: str = "float32"
+    device: str = "auto"                     # auto = cuda if available, else cpu
+    attn_implementation: str = "sdpa"        # sdpa | eager
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None          # defaults to the model's own
+
+
+@dataclass
+class EmbeddedModelConf(ModelConf):
+    _target_: str = "prune_lab.model.EmbeddedModel"
+    name: str = "lab-llama"
+
+
+@dataclass
+class HFModelConf(ModelConf):
+    _target_: str = "prune_lab.model.HFModel"
+    path: str = MISSING
+
+
+@dataclass
+class PrunedModelConf(HFModelConf):
+    _target_: str = "prune_lab.model.PrunedModel"
+
+
+@dataclass
+class RandomModelConf(ModelConf):
+    _target_: str = "prune_lab.model.RandomModel"
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 8
+    intermediate_size: int = 96
+    vocab_size: int = 8192
+    attention_bias: bool = False
+    seed: int = 0
+
+
+# ---- data --------------------------------------------------------------------------------
+@dataclass
+class DataConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class WikiVitalConf(DataConf):
+    _target_: str = "prune_lab.data.WikiVital"
+    root: Optional[str] = None
+
+
+@dataclass
+class HubTextConf(DataConf):
+    _target_: str = "prune_lab.data.HubText"
+    name: str = MISSING
+    path: str = MISSING
+    config_name: Optional[str] = None
+    text_field: str = "text"
+    splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
+    data_files: Optional[Dict[str, Any]] = None
+    separator: str = "\n\n"
+    max_rows: Optional[int] = None
+
+
+@dataclass
+class LocalTextConf(DataConf):
+    _target_: str = "prune_lab.data.LocalText"
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    test: Optional[str] = None
+
+
+@dataclass
+class CalibrationConf:
+    _target_: str = "prune_lab.data.Calibration"
+    n_samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    split: str = "train"
+
+
+# ---- importance ----------------------------------------------------------------------------
+@dataclass
+class ImportanceConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class TaylorConf(ImportanceConf):
+    _target_: str = "prune_lab.importance.Taylor"
+    second_order: bool = False
+
+
+@dataclass
+class LayerImportanceConf:
+    _target_: str = MISSING
+
+
+# ---- allocator -----------------------------------------------------------------------------
+@dataclass
+class AllocatorConf:
+    _target_: str = MISSING
+    ratio: float = 0.25
+    layer_start: int = 0
+    layer_end: Optional[int] = None
+
+
+@dataclass
+class LayerwiseConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.Layerwise"
+    strategy: str = "inverse"
+    alpha: float = 1.0
+    eps: float = 0.05
+    min_rate: float = 0.0
+    max_rate: float = 0.9
+    freeze_top_n: int = 0
+    distribution: str = "3:7"
+
+
+@dataclass
+class GlobalConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.Global"
+    remove_empty_layers: bool = False
+
+
+@dataclass
+class DepthConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.Depth"
+    n_layers: Optional[int] = None
+
+
+# ---- finetune ------------------------------------------------------------------------------
+@dataclass
+class FinetuneConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class TrainConf(FinetuneConf):
+    lr: float = 2e-4
+    max_steps: int = 200
+    epochs: Optional[int] = None            # if set, overrides max_steps (passes over the split)
+    batch_size: int = 8
+    seq_len: int = 256
+    split: str = "train"
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraConf(TrainConf):
+    _target_: str = "prune_lab.finetune.LoRA"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(DECODER_LINEARS))
+
+
+@dataclass
+class FullConf(TrainConf):
+    _target_: str = "prune_lab.finetune.Full"
+    lr: float = 5e-5
+
+
+# ---- eval ----------------------------------------------------------------------------------
+@dataclass
+class PPLConf:
+    datasets: List[str] = field(default_factory=lambda: ["data"])   # "data" = the job's dataset
+    split: str = "test"
+    seq_len: int = 256
+    batch_size: int = 16
+    max_windows: Optional[int] = None
+
+
+@dataclass
+class ZeroShotConf:
+    tasks: List[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa"])
+    num_fewshot: int = 0
+    batch_size: int = 8
+    limit: Optional[int] = None
+    include_path: Optional[str] = None       # directory of local task yaml files
+
+
+@dataclass
+class EfficiencyConf:
+    prompt_len: int = 128
+    gen_tokens: int = 32
+    batch_size: int = 1
+    repeats: int = 3
+
+
+@dataclass
+class EvalConf:
+    _target_: str = "prune_lab.eval.Evaluator"
+    before: bool = False                     # also evaluate the dense model
+    ppl: Optional[PPLConf] = field(default_factory=PPLConf)
+    zeroshot: Optional[ZeroShotConf] = None
+    efficiency: Optional[EfficiencyConf] = None
+
+
+# ---- job -----------------------------------------------------------------------------------
+@dataclass
+class OutputConf:
+    save_model: bool = False
+    plots: bool = True
+    save_scores: bool = True
+
+
+@dataclass
+class CacheConf:
+    enabled: bool = True
+    dir: Optional[str] = None               # set in conf/config.yaml (env PRUNE_LAB_CACHE)
+
+
+@dataclass
+class JobConf:
+    seed: int = 0
+    verify: bool = False                     # check pruned logits == dense logits with units zeroed
+    model: ModelConf = MISSING
+    data: DataConf = MISSING
+    calibration: CalibrationConf = field(default_factory=CalibrationConf)
+    importance: ImportanceConf = MISSING
+    layer_importance: Optional[LayerImportanceConf] = None
+    allocator: AllocatorConf = MISSING
+    finetune: FinetuneConf = MISSING
+    eval: EvalConf = MISSING
+    output: OutputConf = field(default_factory=OutputConf)
+    cache: CacheConf = field(default_factory=CacheConf)
+
+
+SCHEMAS = {
+    "model": {"embedded": EmbeddedModelConf, "hf": HFModelConf, "pruned": PrunedModelConf,
+              "random": RandomModelConf},
+    "data": {"wiki_vital": WikiVitalConf, "hub": HubTextConf, "text": LocalTextConf},
+    "importance": {"base": ImportanceConf, "taylor": TaylorConf},
+    "layer_importance": {"base": LayerImportanceConf},
+    "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
+                  "depth": DepthConf},
+    "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
+    "eval": {"base": EvalConf},
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConf)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
