@@ -114,7 +114,14 @@ def load_named(name: str):
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONF_DATA.glob("*.yaml")))
         raise PruneLabError(f"unknown dataset '{name}': choose one of {known}")
-    return instantiate(OmegaConf.load(path))
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    node = OmegaConf.create({k: v for k, v in raw.items() if k != "defaults"})
+    for entry in raw.get("defaults", []):     # e.g. /schema/data/hub@_here_ -> typed merge
+        if isinstance(entry, str) and entry.startswith("/schema/data/"):
+            from .schema import SCHEMAS
+            schema = SCHEMAS["data"][entry.split("/")[-1].split("@")[0]]
+            node = OmegaConf.merge(OmegaConf.structured(schema), node)
+    return instantiate(node)
 
 
 class TokenStreams:

@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,6 +18,16 @@ from .data import TokenStreams, load_named
 from .errors import PruneLabError
 from .prune import apply_plan, max_logit_difference
 from .record import RunRecord
+
+
+def build(node, **kwargs):
+    """instantiate(node), surfacing our own PruneLabError instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, PruneLabError):
+            raise e.__cause__ from None
+        raise
 
 
 def model_stats(model) -> dict:
@@ -41,23 +52,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     torch.manual_seed(cfg.seed)
     # Build every component first, so bad configuration fails before any heavy work.
-    loader = instantiate(cfg.model)
-    dataset = instantiate(cfg.data)
-    calibration = instantiate(cfg.calibration)
-    importance = instantiate(cfg.importance)
-    layer_importance = instantiate(cfg.layer_importance) if cfg.layer_importance else None
-    allocator = instantiate(cfg.allocator)
-    finetuner = instantiate(cfg.finetune)
-    evaluator = instantiate(cfg.eval, _convert_="all")
+    loader = build(cfg.model)
+    dataset = build(cfg.data)
+    calibration = build(cfg.calibration)
+    importance = build(cfg.importance)
+    layer_importance = build(cfg.layer_importance) if cfg.layer_importance else None
+    allocator = build(cfg.allocator)
+    finetuner = build(cfg.finetune)
+    evaluator = build(cfg.eval, _convert_="all")
     cache = ScoreCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     if allocator.needs_layer_importance and layer_importance is None:
         raise PruneLabError(f"{type(allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
 
     with record.stage("load"):
+        eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
+        for ds in {id(d): d for d in (dataset, *eval_sets.values())}.values():
+            ds.text(calibration.split if ds is dataset else evaluator.ppl["split"])  # fail fast if unreachable
         model, tokenizer = loader.load()
         streams = TokenStreams(tokenizer)
-        eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
     record["model"] = {"name": loader.name, "dense": model_stats(model)}
 
     if evaluator.before:

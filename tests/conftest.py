@@ -1,0 +1,76 @@
+"""Shared fixtures: Hydra compose of the real configs, tiny random models of every architecture."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from prune_lab import schema  # noqa: E402
+from prune_lab.model import ASSETS, RandomModel  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+SHARED = REPO.parent / "shared"
+LAB_MODEL = ASSETS / "lab-llama"
+
+# Tiny shapes per supported family: Llama/Mistral 4:1 GQA, Qwen2 7:1 with q/k/v bias, Qwen3 q/k norms.
+TINY = {
+    "llama": dict(arch="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "mistral": dict(arch="mistral", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "qwen2": dict(arch="qwen2", hidden_size=112, num_attention_heads=14, num_key_value_heads=2, head_dim=8),
+    "qwen3": dict(arch="qwen3", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+}
+ARCHS = list(TINY)
+
+schema.register()
+
+
+def compose_job(*overrides: str):
+    """Compose conf/config.yaml with overrides, exactly as the CLI does."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def tiny_model(arch: str = "llama", layers: int = 3, intermediate: int = 48, seed: int = 0,
+               attn_implementation: str = "sdpa"):
+    shape = dict(TINY[arch], num_hidden_layers=layers, intermediate_size=intermediate, seed=seed)
+    return RandomModel(**shape, device="cpu", attn_implementation=attn_implementation).build()
+
+
+def tiny_overrides(arch: str = "llama", tmp_path=None) -> list[str]:
+    """Overrides that shrink the default job to a tiny random model and a few windows."""
+    ov = ["model=random", *(f"model.{k}={v}" for k, v in TINY[arch].items()),
+          "model.num_hidden_layers=3", "model.intermediate_size=48",
+          "calibration.n_samples=4", "calibration.seq_len=32", "calibration.batch_size=2",
+          "eval.ppl.seq_len=32", "eval.ppl.max_windows=4", "eval.ppl.batch_size=4"]
+    if tmp_path is not None:
+        ov.append(f"cache.dir={tmp_path}/cache")
+    return ov
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def lab_model():
+    from prune_lab.model import EmbeddedModel
+    return EmbeddedModel(device="cpu").load()
+
+
+def needs_shared():
+    return pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (lab models and data) is absent")
+
+
+def tokens(n: int = 2, length: int = 16, vocab: int = 8192, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
