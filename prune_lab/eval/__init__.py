@@ -20,7 +20,7 @@ class Evaluator:
                 stream = streams(datasets[name], cfg["split"])
                 out[f"ppl/{name}"] = perplexity(model, stream, cfg["seq_len"], cfg["batch_size"],
                                                 cfg.get("max_windows"), desc=f"ppl {name} {tag}".strip())
-        if self.zeroshot:
+        if self.zeroshot and self.zeroshot.get("tasks"):     # eval=full: tasks [] = zero-shot off
             from .zeroshot import zero_shot
             out.update(zero_shot(model, tokenizer, **self.zeroshot))
         if self.efficiency:

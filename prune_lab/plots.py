@@ -1,0 +1,192 @@
+"""PNG plots: per run (kept units, layer importance, score histogram) and per sweep (metric vs knob,
+Pareto front). Figures are drawn with the Agg canvas directly, so no pyplot state and no display.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+KEPT, PRUNED, LAYER_GONE = "#2b6cb0", "#ed8936", "#e53e3e"
+DPI = 120
+
+
+def new_figure(width: float, height: float, rows: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, list(np.atleast_1d(fig.subplots(rows, 1, squeeze=False)[:, 0]))
+
+
+def save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=float)
+
+
+class UnitLayout:
+    """Dense widths and removed-unit masks per layer, read from the scores (views may be sliced)."""
+
+    def __init__(self, plan, scores):
+        self.n_layers = len(scores.attn)
+        self.removed_layers = set(plan.layers)
+        self.attn = [self._mask(len(scores.attn[i]), plan.attn.get(i), i) for i in range(self.n_layers)]
+        self.mlp = [self._mask(len(scores.mlp[i]), plan.mlp.get(i), i) for i in range(self.n_layers)]
+
+    def _mask(self, width: int, removed: list[int] | None, layer: int) -> np.ndarray:
+        mask = np.zeros(width, dtype=bool)
+        if layer in self.removed_layers:
+            mask[:] = True
+        elif removed:
+            mask[np.asarray(removed)] = True
+        return mask
+
+    @staticmethod
+    def counts(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        dense = np.array([len(m) for m in masks])
+        return dense, dense - np.array([m.sum() for m in masks])
+
+
+def plot_kept_units(plan, scores, path: Path, group_sizes: list[int] | None = None) -> Path:
+    layout = UnitLayout(plan, scores)
+    x = np.arange(layout.n_layers)
+    fig, axes = new_figure(max(7.0, 0.32 * layout.n_layers + 3), 6.2, rows=2)
+    gqa = f" (each = 1 KV head + {group_sizes[0]} query heads)" if group_sizes else ""
+    panels = ((axes[0], layout.attn, f"attention: KV groups{gqa}"), (axes[1], layout.mlp, "MLP channels"))
+    for ax, masks, what in panels:
+        dense, kept = layout.counts(masks)
+        gone = np.isin(x, sorted(layout.removed_layers))
+        ax.bar(x, kept, color=KEPT, label="kept")
+        ax.bar(x, dense - kept, bottom=kept, color=PRUNED, alpha=0.55, label="pruned")
+        if gone.any():
+            ax.bar(x[gone], dense[gone], color="none", edgecolor=LAYER_GONE, hatch="//", linewidth=1.2,
+                   label="layer removed")
+        if layout.n_layers <= 48:
+            for xi, k, d in zip(x, kept, dense):
+                ax.text(xi, d, f"{100 * k / d:.0f}%", ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, dense.max() * 1.12)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(x)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("units")
+        ax.set_title(f"{what}: kept {kept.sum()} of {dense.sum()} ({100 * kept.sum() / dense.sum():.1f}%)",
+                     fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    removed = sorted(layout.removed_layers)
+    fig.suptitle("Kept units per layer" + (f" — layers removed: {removed}" if removed else ""))
+    return save(fig, path)
+
+
+def plot_layer_importance(layer_scores, removed_layers: list[int], path: Path) -> Path:
+    values = to_numpy(layer_scores)
+    x = np.arange(len(values))
+    colors = np.where(np.isin(x, removed_layers), LAYER_GONE, KEPT)
+    fig, (ax,) = new_figure(max(6.0, 0.3 * len(values) + 3), 3.6)
+    ax.bar(x, values, color=colors)
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("importance (higher = keep)")
+    title = "Layer importance"
+    if len(removed_layers):
+        title += f" — red: removed layers {sorted(removed_layers)}"
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def plot_score_histogram(plan, scores, path: Path) -> Path:
+    layout = UnitLayout(plan, scores)
+    fig, axes = new_figure(7.5, 6.0, rows=2)
+    panels = ((axes[0], scores.attn, layout.attn, "attention KV groups"),
+              (axes[1], scores.mlp, layout.mlp, "MLP channels"))
+    for ax, per_layer, masks, what in panels:
+        values = np.concatenate([to_numpy(s) for s in per_layer])
+        removed = np.concatenate(masks)
+        positive = values > 0
+        log_scale = positive.sum() >= 2 and values[positive].max() > values[positive].min()
+        shown = positive if log_scale else np.ones_like(positive)
+        lo, hi = values[shown].min(), values[shown].max()
+        bins = np.geomspace(lo, hi, 40) if log_scale else np.linspace(lo, hi if hi > lo else lo + 1, 40)
+        ax.hist([values[shown & ~removed], values[shown & removed]], bins=bins, stacked=True,
+                color=[KEPT, PRUNED], label=[f"kept ({(~removed).sum()})", f"pruned ({removed.sum()})"])
+        if log_scale:
+            ax.set_xscale("log")
+        hidden = len(values) - shown.sum()
+        note = f"; {hidden} scores <= 0 not shown" if hidden else ""
+        ax.set_title(f"{what}: {len(values)} unit scores{note}", fontsize=10)
+        ax.set_xlabel("unit importance score" + (" (log scale)" if log_scale else ""))
+        ax.set_ylabel("units")
+        ax.legend(fontsize=8)
+    fig.suptitle("Unit-score distribution (pruned units in orange)")
+    return save(fig, path)
+
+
+def write_run_plots(run_dir, plan, scores, layer_scores=None, views_before=None) -> list[Path]:
+    """The per-run PNGs; views_before (dense LayerViews) only supply the GQA group size."""
+    run_dir = Path(run_dir)
+    group_sizes = [v.attn.group_size for v in views_before] if views_before else None
+    paths = [plot_kept_units(plan, scores, run_dir / "kept_units.png", group_sizes),
+             plot_score_histogram(plan, scores, run_dir / "score_histogram.png")]
+    if layer_scores is not None:
+        paths.append(plot_layer_importance(layer_scores, plan.layers, run_dir / "layer_importance.png"))
+    return paths
+
+
+# ---- sweeps (called by prune_lab.report) --------------------------------------------------------
+def plot_metric_vs_knob(frame: pd.DataFrame, knob: str, metrics: list[str], path: Path,
+                        group_by: list[str] = (), baselines: dict[str, float] | None = None) -> Path:
+    """One line per metric (and per combination of the other swept overrides) against `knob`."""
+    data = frame.dropna(subset=metrics, how="all")
+    numeric = pd.api.types.is_numeric_dtype(data[knob])
+    categories = sorted(data[knob].astype(str).unique()) if not numeric else None
+    fig, (ax,) = new_figure(7.0, 4.2)
+    groups = data.groupby(list(group_by), dropna=False) if group_by else [((), data)]
+    for key, sub in groups:
+        sub = sub.sort_values(knob) if numeric else sub
+        xs = sub[knob] if numeric else sub[knob].astype(str).map(categories.index)
+        label_key = ", ".join(f"{g}={v}" for g, v in zip(group_by, np.atleast_1d(key)))
+        for metric in metrics:
+            label = metric + (f" [{label_key}]" if label_key else "")
+            ax.plot(xs, sub[metric], marker="o", label=label)
+    for name, value in (baselines or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(f"{name} {value:.2f}", (0.01, value), xycoords=("axes fraction", "data"),
+                    va="bottom", fontsize=8, color="grey")
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories)
+    ax.set_xlabel(knob)
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "metric")
+    ax.set_title(f"{', '.join(metrics)} vs {knob} ({len(data)} runs)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Points no other point beats in both x and y (both minimised)."""
+    le = (x[None, :] <= x[:, None]) & (y[None, :] <= y[:, None])
+    lt = (x[None, :] < x[:, None]) | (y[None, :] < y[:, None])
+    return ~(le & lt).any(axis=1)
+
+
+def plot_pareto(frame: pd.DataFrame, x: str, y: str, path: Path, label: str = "run") -> Path:
+    data = frame.dropna(subset=[x, y])
+    xs, ys = data[x].to_numpy(float), data[y].to_numpy(float)
+    front = pareto_mask(xs, ys)
+    order = np.argsort(xs[front])
+    fig, (ax,) = new_figure(6.5, 4.5)
+    ax.scatter(xs[~front], ys[~front], color="#cbd5e0", edgecolor="grey", label="dominated")
+    ax.plot(xs[front][order], ys[front][order], "-o", color=KEPT, label=f"Pareto front ({front.sum()})")
+    for name, xi, yi in zip(data.loc[front, label], xs[front], ys[front]):
+        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"{x} (lower is better)")
+    ax.set_ylabel(f"{y} (lower is better)")
+    ax.set_title(f"Pareto front: {y} vs {x} ({len(data)} runs)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
