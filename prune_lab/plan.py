@@ -26,7 +26,7 @@ class PruningPlan:
     def __post_init__(self):
         self.attn = {int(k): sorted(int(i) for i in v) for k, v in self.attn.items() if len(v)}
         self.mlp = {int(k): sorted(int(i) for i in v) for k, v in self.mlp.items() if len(v)}
-        self.layers = sorted(int(i) for i in self.layers)
+        self.layers = sorted({int(i) for i in self.layers})
         for i in self.layers:  # a removed layer's units go with it
             self.attn.pop(i, None)
             self.mlp.pop(i, None)
@@ -91,7 +91,10 @@ class PruningPlan:
             raise PruneLabError(f"plan file '{path}' does not exist")
         first = path.read_text().splitlines()[:1]
         target = int(first[0].split("=")[1]) if first and first[0].startswith("# target_params=") else 0
-        df = pd.read_csv(path, comment="#")
+        try:
+            df = pd.read_csv(path, comment="#")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise PruneLabError(f"'{path}' is not a prune_lab plan ({type(e).__name__})") from None
         if list(df.columns) != ["layer", "type", "index"] or not df["type"].isin(UNIT_TYPES).all():
             raise PruneLabError(f"'{path}' is not a prune_lab plan (columns layer,type,index)")
         by_type = {t: df[df["type"] == t] for t in UNIT_TYPES}

@@ -5,7 +5,6 @@ All take `ratio`, the fraction of decoder attention + MLP parameters to remove.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..adapter import LayerView
@@ -67,29 +66,62 @@ class Allocator:
     def target(self, views: list[LayerView]) -> int:
         return int(round(self.ratio * sum(v.num_params for v in views)))
 
+    @staticmethod
+    def check_inputs(views: list[LayerView], scores: UnitScores | None = None,
+                     layer_importance: torch.Tensor | None = None) -> None:
+        """Scores must be finite and shaped like the model (e.g. not cached for another one)."""
+        n = len(views)
+        if scores is not None:
+            shapes = [(len(a), len(m)) for a, m in zip(scores.attn, scores.mlp)]
+            if len(scores.attn) != n or shapes != [(v.attn.num_kv_heads, v.mlp.width) for v in views]:
+                raise PruneLabError(f"unit scores (KV groups, MLP channels per layer: {shapes}) do not "
+                                    f"match the model's {n} layers")
+            scores.check_finite()
+        if layer_importance is not None:
+            if layer_importance.numel() != n:
+                raise PruneLabError(f"layer importance has {layer_importance.numel()} values for {n} layers")
+            if not torch.isfinite(layer_importance).all():
+                raise PruneLabError("layer importance contains NaN/inf: use model.dtype=bfloat16 or float32")
+
+    @staticmethod
+    def check_met(plan: PruningPlan, views: list[LayerView], limits: str) -> PruningPlan:
+        """Refuse a plan that falls short of its target by more than one (largest) unit's cost."""
+        achieved = plan.params_removed(views)
+        slack = max(max(v.attn.group_cost, v.mlp.channel_cost) for v in views)
+        if achieved < plan.target_params - slack:
+            raise BudgetError(f"budget of {plan.target_params} params cannot be met (reached {achieved}) "
+                              f"with every pruned layer keeping a KV group and an MLP channel{limits}: "
+                              f"lower allocator.ratio")
+        return plan
+
     def __call__(self, scores: UnitScores, views: list[LayerView],
                  layer_importance: torch.Tensor | None = None) -> PruningPlan:
         raise NotImplementedError
 
 
 class Uniform(Allocator):
-    """The same rate in every eligible layer: whole GQA groups first, MLP channels fill the rest."""
+    """The same rate in every eligible layer: whole GQA groups first, MLP channels fill the rest.
+
+    Each layer loses round(rate * KV heads) groups (never more than its share of the budget);
+    MLP channels are spread over the layers (counts differ by at most one) so that the total
+    lands within half a channel of the target.
+    """
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
-        eligible = self.eligible(views)
+        self.check_inputs(views, scores)
         target = self.target(views)
-        layer_target = target / max(1, sum(v.num_params for v, e in zip(views, eligible) if e))
-        plan = PruningPlan(target_params=target)
-        for v, ok in zip(views, eligible):
-            if not ok:
-                continue
-            a, m = v.attn, v.mlp
-            n_groups = min(int(round(layer_target * a.num_kv_heads)), a.num_kv_heads - 1)
-            left = layer_target * v.num_params - n_groups * a.group_cost
-            n_channels = int(np.clip(round(left / m.channel_cost), 0, m.width - 1))
-            plan.attn[v.index] = lowest(scores.attn[v.index], n_groups)
-            plan.mlp[v.index] = lowest(scores.mlp[v.index], n_channels)
-        return PruningPlan(plan.attn, plan.mlp, [], target)
+        chosen = [v for v, ok in zip(views, self.eligible(views)) if ok]
+        rate = target / sum(v.num_params for v in chosen)
+        budget = np.array([rate * v.num_params for v in chosen])
+        n_kv = np.array([v.attn.num_kv_heads for v in chosen])
+        group_cost = np.array([v.attn.group_cost for v in chosen])
+        groups = np.minimum.reduce([np.rint(rate * n_kv), np.floor(budget / group_cost), n_kv - 1]).astype(int)
+        ideal = np.maximum(budget - groups * group_cost, 0) / np.array([v.mlp.channel_cost for v in chosen])
+        channels = largest_remainder(ideal, int(round(ideal.sum())), np.array([v.mlp.width - 1 for v in chosen]))
+        plan = PruningPlan({v.index: lowest(scores.attn[v.index], g) for v, g in zip(chosen, groups)},
+                           {v.index: lowest(scores.mlp[v.index], c) for v, c in zip(chosen, channels)},
+                           [], target)
+        return self.check_met(plan, views, " in layers [layer_start, layer_end)")
 
 
 def parse_distribution(text: str) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from .base import Allocator
 
 
 class Depth(Allocator):
-    """Remove `n_layers` layers, or (n_layers=null) the fewest whose parameters reach ~ratio."""
+    """Remove `n_layers` layers, or (n_layers=null) the count whose parameters come closest to ratio."""
 
     needs_layer_importance = True
 
@@ -21,15 +21,18 @@ class Depth(Allocator):
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
         if layer_importance is None:
             raise PruneLabError("allocator=depth needs layer importance (layer_importance=removal|activation)")
+        self.check_inputs(views, layer_importance=layer_importance)
         eligible = np.flatnonzero(self.eligible(views))
         imp = layer_importance.double().cpu().numpy()
         order = eligible[np.lexsort((eligible, imp[eligible]))]
+        sizes = np.cumsum([0] + [views[i].num_params for i in order])   # params of the first n in order
         if self.n_layers is not None:
             n = self.n_layers
-        else:   # smallest n whose removed params come closest to the target
+            if not 0 <= n < len(views) or n > len(order):
+                raise PruneLabError(f"cannot remove {n} layers ({len(order)} eligible of {len(views)}, "
+                                    f"one must stay)")
+            target = int(sizes[n])   # the layer count is the request, not the ratio
+        else:   # the n whose removed params come closest to the ratio, keeping at least one layer
             target = self.target(views)
-            cum = np.cumsum([views[i].num_params for i in order])
-            n = int(np.argmin(np.abs(np.concatenate([[0], cum]) - target)))
-        if not 0 <= n < len(views) or n > len(order):
-            raise PruneLabError(f"cannot remove {n} layers ({len(order)} eligible of {len(views)})")
-        return PruningPlan(layers=order[:n].tolist(), target_params=self.target(views))
+            n = int(np.argmin(np.abs(sizes[: len(views)] - target)))
+        return PruningPlan(layers=order[:n].tolist(), target_params=target)

@@ -37,6 +37,7 @@ class Global(Allocator):
         self.table: pd.DataFrame | None = None
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
+        self.check_inputs(views, scores)
         target = self.target(views)
         df = unit_table(scores, views)
         df["allowed"] = self.eligible(views)[df["layer"].to_numpy()]

@@ -12,21 +12,23 @@ STRATEGIES = ("inverse", "proportional", "uniform")
 
 
 def solve_rates(weights: np.ndarray, params: np.ndarray, budget: float,
-                min_rate: float, max_rate: float) -> np.ndarray:
-    """Rates r_l = clip(k*w_l, min, max) on layers with w_l > 0, with k chosen so Σ r_l·P_l = budget."""
+                min_rate: float, max_rate: np.ndarray) -> np.ndarray:
+    """Rates r_l = clip(k*w_l, min, max_l) on layers with w_l > 0, with k chosen so Σ r_l·P_l = budget."""
     active = weights > 0
     rates = np.zeros_like(weights, dtype=float)
     if budget <= 0 or not active.any():
         return rates
-    if (max_rate * params[active]).sum() < budget - 1e-6:
-        raise BudgetError(f"budget of {budget:.0f} params cannot be met with max_rate={max_rate} "
-                          f"on {int(active.sum())} prunable layers")
-    lo, hi = 0.0, max_rate / weights[active].min() + 1.0
+    w, p, top = weights[active], params[active], max_rate[active]
+    if (top * p).sum() < budget - 1e-6:
+        raise BudgetError(f"budget of {budget:.0f} params cannot be met on {int(active.sum())} prunable "
+                          f"layers with max_rate={top.max():.3g} and one unit kept per layer: "
+                          f"lower allocator.ratio or raise max_rate")
+    lo, hi = 0.0, top.max() / w.min() + 1.0
     for _ in range(100):   # bisection; removed(k) is monotone in k
         k = (lo + hi) / 2
-        removed = (np.clip(k * weights[active], min_rate, max_rate) * params[active]).sum()
+        removed = (np.clip(k * w, min_rate, top) * p).sum()
         lo, hi = (k, hi) if removed < budget else (lo, k)
-    rates[active] = np.clip(hi * weights[active], min_rate, max_rate)
+    rates[active] = np.clip(hi * w, min_rate, top)
     return rates
 
 
@@ -81,8 +83,9 @@ class Layerwise(Allocator):
         params = np.array([u.num_params for u in units], dtype=float)
         n_units = np.array([u.num_kv_heads if kind == "attn" else u.width for u in units])
         unit_cost = np.array([u.group_cost if kind == "attn" else u.channel_cost for u in units], float)
-        rates = solve_rates(weights, params, budget, self.min_rate, self.max_rate)
         cap = np.where(weights > 0, n_units - 1, 0)
+        # a layer keeps at least one unit, so its rate can never reach 1 (e.g. 0.5 with 2 KV heads)
+        rates = solve_rates(weights, params, budget, self.min_rate, np.minimum(self.max_rate, cap / n_units))
         total = int(round(budget / unit_cost[weights > 0].mean())) if (weights > 0).any() else 0
         counts = largest_remainder(rates * n_units, min(total, int(cap.sum())), cap)
         return {i: c for i, c in enumerate(counts) if c > 0}
@@ -90,6 +93,7 @@ class Layerwise(Allocator):
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
         if layer_importance is None:
             raise PruneLabError("allocator=layerwise needs layer importance (layer_importance=removal|activation)")
+        self.check_inputs(views, scores, layer_importance)
         target = self.target(views)
         weights = self.layer_weights(layer_importance, self.eligible(views))
         attn_counts = self._allocate(weights, views, target * self.attn_share, "attn") if self.attn_share else {}
@@ -98,4 +102,5 @@ class Layerwise(Allocator):
         mlp_budget = target - attn_removed if self.mlp_share else 0
         mlp_counts = self._allocate(weights, views, mlp_budget, "mlp") if mlp_budget > 0 else {}
         mlp = {i: lowest(scores.mlp[i], c) for i, c in mlp_counts.items()}
-        return PruningPlan(attn, mlp, [], target)
+        return self.check_met(PruningPlan(attn, mlp, [], target), views,
+                              ", max_rate, freeze_top_n, the layer range and distribution")
