@@ -3,6 +3,7 @@ Pareto front). Figures are drawn with the Agg canvas directly, so no pyplot stat
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,11 @@ def write_run_plots(run_dir, plan, scores, layer_scores=None, views_before=None)
 
 # ---- sweeps (called by prune_lab.report) --------------------------------------------------------
 def plot_metric_vs_knob(frame: pd.DataFrame, knob: str, metrics: list[str], path: Path,
-                        group_by: list[str] = (), baselines: dict[str, float] | None = None) -> Path:
-    """One line per metric (and per combination of the other swept overrides) against `knob`."""
+                        group_by: list[str] = (), baselines: dict[str, float] | None = None,
+                        connect: bool = True) -> Path:
+    """One line per metric (and per combination of the other swept overrides) against `knob`.
+
+    connect=False draws points only (other knobs vary too, so a line would join unlike runs)."""
     data = frame.dropna(subset=metrics, how="all")
     numeric = pd.api.types.is_numeric_dtype(data[knob])
     categories = sorted(data[knob].astype(str).unique()) if not numeric else None
@@ -152,11 +156,15 @@ def plot_metric_vs_knob(frame: pd.DataFrame, knob: str, metrics: list[str], path
         label_key = ", ".join(f"{g}={v}" for g, v in zip(group_by, np.atleast_1d(key)))
         for metric in metrics:
             label = metric + (f" [{label_key}]" if label_key else "")
-            ax.plot(xs, sub[metric], marker="o", label=label)
+            ax.plot(xs, sub[metric], marker="o", linestyle="-" if connect else "none",
+                    label=label[:80])
     for name, value in (baselines or {}).items():
         ax.axhline(value, linestyle="--", color="grey", linewidth=1)
         ax.annotate(f"{name} {value:.2f}", (0.01, value), xycoords=("axes fraction", "data"),
                     va="bottom", fontsize=8, color="grey")
+    values = data[metrics].to_numpy(float)
+    if np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 10:
+        ax.set_yscale("log")
     if not numeric:
         ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(knob)
@@ -190,3 +198,24 @@ def plot_pareto(frame: pd.DataFrame, x: str, y: str, path: Path, label: str = "r
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def write_sweep_plots(ok: pd.DataFrame, out: Path, knobs: list[str], metrics: list[str],
+                      swept: list[str], pareto: list[str] | None = None) -> list[Path]:
+    """For prune_lab.report: metrics vs each knob (grouped by at most 2 other swept knobs, dense
+    baselines dashed) and the Pareto front of the two `pareto` columns, over the ok runs."""
+    paths: list[Path] = []
+    if not metrics or ok.empty:
+        return paths
+    for knob in knobs:
+        others = [c for c in swept if c != knob]
+        grouped = 0 < len(others) <= 2 and ok.groupby(others, dropna=False).ngroups <= 6
+        baselines = {f"dense {m}": float(ok[f"dense/{m}"].median()) for m in metrics
+                     if f"dense/{m}" in ok and ok[f"dense/{m}"].notna().any()}
+        name = re.sub(r"[^\w.-]+", "_", knob)
+        paths.append(plot_metric_vs_knob(ok, knob, metrics, out / f"ppl_vs_{name}.png",
+                                         others if grouped else [], baselines,
+                                         connect=grouped or not others))
+    if pareto and len(ok) >= 2:
+        paths.append(plot_pareto(ok, pareto[0], pareto[1], out / "pareto.png"))
+    return paths
