@@ -16,23 +16,26 @@ from omegaconf import DictConfig  # noqa: E402
 from . import schema  # noqa: E402
 from .errors import PruneLabError  # noqa: E402
 from .pipeline import run  # noqa: E402
+from .sweep import objective_values, register_resolvers  # noqa: E402
 
 schema.register()
+register_resolvers()
 log = logging.getLogger("prune_lab")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, float]:
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        objective = run(cfg, Path(hc.runtime.output_dir))
+        objective = run(cfg, run_dir)
     except PruneLabError as e:
         if hc.mode == RunMode.MULTIRUN:   # let the sweeper record a failed trial
             raise
         print(f"prune_lab: error: {e}", file=sys.stderr)
         sys.exit(2)
     log.info("objective (perplexity): %.4f", objective)
-    return objective
+    return objective_values(cfg.objective, objective, run_dir)
 
 
 if __name__ == "__main__":

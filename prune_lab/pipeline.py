@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .adapter import decoder_linear_params, layer_shapes, layer_views
-from .cache import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
-from .data import TokenStreams, load_named
+from .cache import ScoreCache, cache_key, load_dense, model_fingerprint, tokens_fingerprint
+from .data import load_named
 from .errors import PruneLabError
 from .prune import apply_plan, max_logit_difference
 from .record import RunRecord
@@ -69,9 +69,9 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
         for ds in {id(d): d for d in (dataset, *eval_sets.values())}.values():
             ds.text(calibration.split if ds is dataset else evaluator.ppl["split"])  # fail fast if unreachable
-        model, tokenizer = loader.load()
-        streams = TokenStreams(tokenizer)
-    record["model"] = {"name": loader.name, "dense": model_stats(model)}
+        model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
+        torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
+    record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
 
     if evaluator.before:
         with record.stage("eval_dense"):

@@ -6,6 +6,7 @@ so a misspelt key or a wrong type fails at compose time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -232,6 +233,18 @@ class OutputConf:
 class CacheConf:
     enabled: bool = True
     dir: Optional[str] = None               # set in conf/config.yaml (env PRUNE_LAB_CACHE)
+    keep_dense: bool = True                 # multirun: keep the dense model + token streams in memory
+
+
+class Objective(Enum):
+    ppl = 1                                  # perplexity (single objective)
+    ppl_params = 2                           # (perplexity, remaining parameters): multi-objective studies
+
+
+@dataclass
+class SearchConf:
+    """Values an Optuna preset samples and interpolates into the job (conf/experiment/optuna_*)."""
+    attn_share: Optional[float] = None      # attention's share of the removed params out of 10
 
 
 @dataclass
@@ -248,6 +261,8 @@ class JobConf:
     eval: EvalConf = MISSING
     output: OutputConf = field(default_factory=OutputConf)
     cache: CacheConf = field(default_factory=CacheConf)
+    objective: Objective = Objective.ppl     # what the task function returns to a sweeper
+    search: SearchConf = field(default_factory=SearchConf)
 
 
 SCHEMAS = {
