@@ -5,6 +5,7 @@ Read it top to bottom; every component comes from its config node's `_target_`.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from .data import load_named
 from .errors import PruneLabError
 from .prune import apply_plan, max_logit_difference
 from .record import RunRecord
+
+log = logging.getLogger("prune_lab")
 
 
 def build(node, **kwargs):
@@ -76,6 +79,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     if evaluator.before:
         with record.stage("eval_dense"):
             record["dense"] = evaluator(model, tokenizer, eval_sets, streams, tag="dense")
+        log.info("dense:  %s", _fmt(record["dense"]))
 
     with record.stage("score"):
         cal_stream = streams(dataset, calibration.split)
@@ -103,6 +107,10 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         if getattr(allocator, "table", None) is not None:
             allocator.table.to_csv(run_dir / "unit_table.csv", index=False)
     record["plan"] = plan.summary(views)
+    log.info("plan:   %d KV groups, %d MLP channels, layers %s removed = %d params (%.2f%% of decoder)",
+             record["plan"]["groups_removed"], record["plan"]["channels_removed"],
+             record["plan"]["layers_removed"], record["plan"]["params_removed"],
+             100 * record["plan"]["achieved_ratio"])
 
     with record.stage("prune"):
         dense_copy = copy.deepcopy(model) if cfg.verify else None
@@ -121,6 +129,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     with record.stage("evaluate"):
         results = evaluator(model, tokenizer, eval_sets, streams, tag="pruned")
     record["pruned"] = results
+    log.info("pruned: %s", _fmt(results))
 
     if cfg.output.save_model:
         from .checkpoint import save_pruned
@@ -132,6 +141,10 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
             write_run_plots(run_dir, plan, scores, layer_scores, views_before=views)
     record.write()
     return objective_of(results)
+
+
+def _fmt(results: dict) -> str:
+    return "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
 
 
 def objective_of(results: dict) -> float:
