@@ -73,6 +73,7 @@ def flatten_results(results: dict, tasks: list[str]) -> dict:
             metric, _, filter_name = key.partition(",")
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
+            metric = "docs" if metric == "sample_len" else metric
             suffix = "" if filter_name in ("", "none") else f"/{filter_name}"
             out[f"zeroshot/{task}/{metric}{suffix}"] = float(value)
     accs = [out[f"zeroshot/{t}/acc"] for t in tasks if f"zeroshot/{t}/acc" in out]
