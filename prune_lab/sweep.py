@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,15 @@ def pareto_front(study):
     return pd.DataFrame(rows).sort_values(names[0]).reset_index(drop=True) if rows else pd.DataFrame()
 
 
+def abort_sweep(message: str) -> None:
+    """Stop the whole multirun with the CLI's one-line error and exit code 2.
+
+    Hydra turns an Exception raised by a callback into a warning, so this exits instead.
+    """
+    print(f"prune_lab: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class StudyCallback(Callback):
     """hydra.callbacks entry of the Optuna presets.
 
@@ -119,8 +129,8 @@ class StudyCallback(Callback):
         sweeper = config.hydra.sweeper
         want = n_objectives(config.objective)
         if len(directions(sweeper)) != want:
-            raise PruneLabError(f"objective={config.objective.name} returns {want} value(s) but "
-                                f"hydra.sweeper.direction has {len(directions(sweeper))}")
+            abort_sweep(f"objective={config.objective.name} returns {want} value(s) but "
+                        f"hydra.sweeper.direction has {len(directions(sweeper))}")
         self.n_trials = int(sweeper.n_trials)
         if sweeper.storage:
             study = open_study(sweeper, create=True)
@@ -136,9 +146,23 @@ class StudyCallback(Callback):
         log.warning("trial failed (%d of %d so far, budget %d): %s", self.failed, self.finished,
                     budget, job_return._return_value)
         if self.failed > budget:
-            raise PruneLabError(f"{self.failed} of {self.finished} trials failed, over the budget of "
-                                f"{budget} (max_failure_rate={self.max_failure_rate}); last error: "
-                                f"{job_return._return_value}")
+            self._tell_failed(config, job_return)
+            abort_sweep(f"{self.failed} of {self.finished} trials failed, over the budget of {budget} "
+                        f"(max_failure_rate={self.max_failure_rate}); last error: {job_return._return_value}")
+
+    @staticmethod
+    def _tell_failed(config: DictConfig, job_return: JobReturn) -> None:
+        """We abort before the sweeper tells this trial: store it as FAIL rather than RUNNING."""
+        from optuna.trial import TrialState
+        sweeper = config.hydra.sweeper
+        if not sweeper.storage:
+            return
+        given = dict(o.split("=", 1) for o in job_return.overrides or [] if "=" in o)
+        study = open_study(sweeper)
+        for trial in reversed(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            if all(given.get(k) == str(v) for k, v in trial.params.items()):
+                study.tell(trial.number, state=TrialState.FAIL)
+                return
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
