@@ -194,6 +194,25 @@ def test_global_removal_never_leaves_a_layer_half_empty(fine):
     assert plan.layers == [] and len(plan.attn[2]) == 7
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 0.95])
+def test_global_removal_reaches_budgets_beyond_one_unit_per_layer(fine_model, ratio):
+    """Keeping one group and one channel per layer caps the no-removal ratio at ~0.93 here."""
+    model = copy.deepcopy(fine_model)
+    views = layer_views(model)
+    scores = Magnitude()(model)
+    if ratio > 0.93:
+        with pytest.raises(BudgetError, match="remove_empty_layers=true"):
+            Global(ratio)(scores, views)
+    allocator = Global(ratio, remove_empty_layers=True)
+    plan = allocator(scores, views)
+    assert len(plan.layers) >= (1 if ratio > 0.93 else 0)
+    kept = allocator.table[~allocator.table["layer"].isin(plan.layers)]
+    assert not kept.groupby(["layer", "type"])["pruned"].all().any()      # no kept layer half-empty
+    before = decoder_linear_params(model)
+    apply_plan(model, plan)
+    assert abs(before - decoder_linear_params(model) - plan.target_params) <= max_unit_cost(views)
+
+
 # --- depth ---------------------------------------------------------------------------------------
 
 def test_depth_removes_the_least_important_layers(fine):

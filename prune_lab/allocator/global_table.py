@@ -28,6 +28,11 @@ class Global(Allocator):
 
     remove_empty_layers=true lets a layer lose everything (depth pruning); a layer never loses
     only its attention or only its MLP. Otherwise each layer keeps its best group and channel.
+
+    When the fill empties one side of a layer, the layer is either removed whole or keeps its
+    best unit of that side, whichever loses less importance at the current price per parameter
+    (the score of the dearest unit pruned): removing costs I_rest - price * C_rest (the rest is
+    pruned, freeing budget elsewhere), keeping costs price * c_best - I_best.
     """
 
     def __init__(self, ratio: float = 0.25, remove_empty_layers: bool = False,
@@ -42,26 +47,47 @@ class Global(Allocator):
         df = unit_table(scores, views)
         df["allowed"] = self.eligible(views)[df["layer"].to_numpy()]
         df = df.sort_values(["score", "layer", "type", "index"], kind="stable").reset_index(drop=True)
-        protect = self._protected(df) if not self.remove_empty_layers else np.zeros(len(df), bool)
-        while True:
-            chosen = take_in_order(df["cost"].to_numpy(float), target, df["allowed"].to_numpy() & ~protect)
-            half_empty = self._half_empty_layers(df, chosen) if self.remove_empty_layers else []
-            if not half_empty:
-                break
-            protect |= self._protected(df, layers=half_empty)
+        if self.remove_empty_layers:
+            chosen = self._fill_removing_layers(df, target)
+        else:
+            chosen = take_in_order(df["cost"].to_numpy(float), target,
+                                   df["allowed"].to_numpy() & ~self._protected(df))
         df["pruned"] = chosen
         self.table = df
         removed_layers = self._emptied_layers(df)
         achieved = df.loc[chosen & ~df["layer"].isin(removed_layers), "cost"].sum()
         achieved += sum(views[i].num_params for i in removed_layers)
-        unit_min = df["cost"].min()
-        if achieved < target - unit_min:
-            raise BudgetError(f"budget of {target} params cannot be met (reached {achieved}) without "
-                              f"emptying layers: set allocator.remove_empty_layers=true or a lower ratio")
+        if achieved < target - df["cost"].min():
+            hint = ("lower allocator.ratio or widen the layer range" if self.remove_empty_layers else
+                    "set allocator.remove_empty_layers=true or a lower ratio")
+            raise BudgetError(f"budget of {target} params cannot be met (reached {achieved}) with every "
+                              f"kept layer keeping a KV group and an MLP channel: {hint}")
         pruned = df[chosen & ~df["layer"].isin(removed_layers)]
         by = {t: pruned[pruned["type"] == t].groupby("layer")["index"].apply(list).to_dict()
               for t in ("attn_group", "mlp_channel")}
         return PruningPlan(by["attn_group"], by["mlp_channel"], removed_layers, target)
+
+    def _fill_removing_layers(self, df: pd.DataFrame, target: int) -> np.ndarray:
+        """Greedy fill; each half-emptied layer is then settled for good (removed or protected)."""
+        cost, imp = df["cost"].to_numpy(float), df["importance"].to_numpy(float)
+        layer, score, allowed = df["layer"].to_numpy(), df["score"].to_numpy(), df["allowed"].to_numpy()
+        protect, forced = np.zeros(len(df), bool), np.zeros(len(df), bool)
+        while True:
+            free = take_in_order(cost, target - cost[forced].sum(), allowed & ~protect & ~forced)
+            chosen = forced | free
+            half_empty = self._half_empty_layers(df, chosen)
+            if not half_empty:
+                return chosen
+            price = score[free].max()
+            for i in half_empty:
+                rest = (layer == i) & ~chosen
+                best = self._protected(df, layers=[i]) & chosen
+                remove_loss = imp[rest].sum() - price * cost[rest].sum()
+                keep_loss = price * cost[best].sum() - imp[best].sum()
+                if remove_loss < keep_loss and cost[forced | (layer == i)].sum() <= target:
+                    forced |= layer == i
+                else:
+                    protect |= self._protected(df, layers=[i])
 
     @staticmethod
     def _protected(df: pd.DataFrame, layers=None) -> np.ndarray:
