@@ -123,8 +123,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         del dense_copy
 
     with record.stage("recover"):
-        record["finetune"] = finetuner(model, tokenizer, streams(dataset, "train"), seed=cfg.seed,
-                                       run_dir=run_dir)
+        train_stream = streams(dataset, getattr(finetuner, "split", "train"))
+        record["finetune"] = finetuner(model, tokenizer, train_stream, seed=cfg.seed, run_dir=run_dir)
 
     with record.stage("evaluate"):
         results = evaluator(model, tokenizer, eval_sets, streams, tag="pruned")
