@@ -134,3 +134,11 @@ def test_criteria_declare_whether_they_need_data():
     assert not Magnitude.needs_data and not Random.needs_data
     assert Taylor().needs_data and Wanda.needs_data
     assert Taylor(second_order=True).describe() == {"name": "taylor_2nd", "second_order": True}
+
+
+def test_unit_scores_round_trip_through_safetensors(tmp_path):
+    scores = Random()(tiny_model("qwen3", layers=2), seed=1)
+    scores.save(tmp_path / "scores.safetensors")
+    loaded = type(scores).load(tmp_path / "scores.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(scores.attn + scores.mlp, loaded.attn + loaded.mlp))
+    assert len(loaded.attn) == len(loaded.mlp) == 2

@@ -84,14 +84,13 @@ class Allocator:
                 raise PruneLabError("layer importance contains NaN/inf: use model.dtype=bfloat16 or float32")
 
     @staticmethod
-    def check_met(plan: PruningPlan, views: list[LayerView], limits: str) -> PruningPlan:
+    def check_met(plan: PruningPlan, views: list[LayerView], hint: str) -> PruningPlan:
         """Refuse a plan that falls short of its target by more than one (largest) unit's cost."""
         achieved = plan.params_removed(views)
         slack = max(max(v.attn.group_cost, v.mlp.channel_cost) for v in views)
         if achieved < plan.target_params - slack:
             raise BudgetError(f"budget of {plan.target_params} params cannot be met (reached {achieved}) "
-                              f"with every pruned layer keeping a KV group and an MLP channel{limits}: "
-                              f"lower allocator.ratio")
+                              f"while every kept layer keeps a KV group and an MLP channel: {hint}")
         return plan
 
     def __call__(self, scores: UnitScores, views: list[LayerView],
@@ -121,7 +120,7 @@ class Uniform(Allocator):
         plan = PruningPlan({v.index: lowest(scores.attn[v.index], g) for v, g in zip(chosen, groups)},
                            {v.index: lowest(scores.mlp[v.index], c) for v, c in zip(chosen, channels)},
                            [], target)
-        return self.check_met(plan, views, " in layers [layer_start, layer_end)")
+        return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")
 
 
 def parse_distribution(text: str) -> tuple[float, float]:

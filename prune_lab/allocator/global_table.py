@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..errors import BudgetError
 from ..plan import PruningPlan
 from .base import Allocator, take_in_order
 
@@ -55,17 +54,13 @@ class Global(Allocator):
         df["pruned"] = chosen
         self.table = df
         removed_layers = self._emptied_layers(df)
-        achieved = df.loc[chosen & ~df["layer"].isin(removed_layers), "cost"].sum()
-        achieved += sum(views[i].num_params for i in removed_layers)
-        if achieved < target - df["cost"].min():
-            hint = ("lower allocator.ratio or widen the layer range" if self.remove_empty_layers else
-                    "set allocator.remove_empty_layers=true or a lower ratio")
-            raise BudgetError(f"budget of {target} params cannot be met (reached {achieved}) with every "
-                              f"kept layer keeping a KV group and an MLP channel: {hint}")
         pruned = df[chosen & ~df["layer"].isin(removed_layers)]
         by = {t: pruned[pruned["type"] == t].groupby("layer")["index"].apply(list).to_dict()
               for t in ("attn_group", "mlp_channel")}
-        return PruningPlan(by["attn_group"], by["mlp_channel"], removed_layers, target)
+        plan = PruningPlan(by["attn_group"], by["mlp_channel"], removed_layers, target)
+        return self.check_met(plan, views, "lower allocator.ratio or widen the layer range"
+                              if self.remove_empty_layers else
+                              "set allocator.remove_empty_layers=true or a lower ratio")
 
     def _fill_removing_layers(self, df: pd.DataFrame, target: int) -> np.ndarray:
         """Greedy fill; each half-emptied layer is then settled for good (removed or protected)."""

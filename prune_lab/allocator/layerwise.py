@@ -102,5 +102,5 @@ class Layerwise(Allocator):
         mlp_budget = target - attn_removed if self.mlp_share else 0
         mlp_counts = self._allocate(weights, views, mlp_budget, "mlp") if mlp_budget > 0 else {}
         mlp = {i: lowest(scores.mlp[i], c) for i, c in mlp_counts.items()}
-        return self.check_met(PruningPlan(attn, mlp, [], target), views,
-                              ", max_rate, freeze_top_n, the layer range and distribution")
+        return self.check_met(PruningPlan(attn, mlp, [], target), views, "lower allocator.ratio or relax "
+                              "max_rate, freeze_top_n, the layer range or distribution")
