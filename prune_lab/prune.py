@@ -78,10 +78,13 @@ def remove_layers(model: nn.Module, removed: list[int]) -> None:
 
 
 def record_manifest(model: nn.Module, plan: PruningPlan) -> None:
-    """Keep the per-layer shapes (and removed layers) on the config for saving and reloading."""
+    """Keep the per-layer shapes and the removed layers (as indices of the original model) on the config."""
     from .adapter import layer_shapes
-    previous = getattr(model.config, "prune_lab", None) or {}
-    removed = sorted(set(previous.get("removed_layers", [])) | set(plan.layers))
+    previous = sorted((getattr(model.config, "prune_lab", None) or {}).get("removed_layers", []))
+    # plan.layers index the model this plan was made for, which may already miss `previous`
+    original_count = len(model.model.layers) + len(plan.layers) + len(previous)
+    surviving = [i for i in range(original_count) if i not in previous]
+    removed = sorted(set(previous) | {surviving[i] for i in plan.layers})
     model.config.prune_lab = {"layers": layer_shapes(model), "removed_layers": removed}
 
 

@@ -69,7 +69,8 @@ def test_unit_costs_equal_the_real_parameter_drop(arch):
     view = layer_views(dense)[1]
     for plan, cost in ((PruningPlan(attn={1: [1]}), view.attn.group_cost),
                        (PruningPlan(mlp={1: [5]}), view.mlp.channel_cost),
-                       (PruningPlan(attn={1: [0]}, mlp={1: [0, 7, 9]}), view.attn.group_cost + 3 * view.mlp.channel_cost)):
+                       (PruningPlan(attn={1: [0]}, mlp={1: [0, 7, 9]}),
+                        view.attn.group_cost + 3 * view.mlp.channel_cost)):
         pruned = apply_plan(copy.deepcopy(dense), plan)
         assert decoder_linear_params(dense) - decoder_linear_params(pruned) == cost
         assert all_params(dense) - all_params(pruned) == cost   # norms and embeddings are untouched

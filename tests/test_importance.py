@@ -107,7 +107,8 @@ def test_wanda_equals_weight_times_input_norm_for_one_layer():
     norm = {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).norm(dim=0) for name, xs in inputs.items()}
     n_tokens = sum(b.numel() for b in BATCHES)
     scaled = {lin.weight: lin.weight.detach().abs() * norm[name] for name, lin in linears.items()}
-    scaled |= {lin.bias: lin.bias.detach().abs() * n_tokens ** 0.5 for lin in linears.values() if lin.bias is not None}
+    scaled |= {lin.bias: lin.bias.detach().abs() * n_tokens ** 0.5
+               for lin in linears.values() if lin.bias is not None}
     groups, channels = unit_slices(view)
     expected_attn = torch.stack([sum(scaled[p][idx].sum() for p, idx in u) for u in groups])
     expected_mlp = torch.stack([sum(scaled[p][idx].sum() for p, idx in u) for u in channels])

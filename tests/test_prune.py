@@ -163,3 +163,12 @@ def test_plans_that_break_the_model_are_refused():
             apply_plan(model, bad)
         assert words in str(err.value)
     assert decoder_linear_params(model) == decoder_linear_params(tiny_model("llama"))
+
+
+def test_pruning_twice_records_removed_layers_in_original_indices():
+    model = tiny_model("llama", layers=4)
+    apply_plan(model, PruningPlan(layers=[1]))
+    apply_plan(model, PruningPlan(layers=[1], mlp={0: [0]}))     # layer 1 of 3 is original layer 2
+    assert model.config.prune_lab["removed_layers"] == [1, 2]
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert [s["mlp_width"] for s in model.config.prune_lab["layers"]] == [47, 48]

@@ -116,7 +116,8 @@ class Uniform(Allocator):
         group_cost = np.array([v.attn.group_cost for v in chosen])
         groups = np.minimum.reduce([np.rint(rate * n_kv), np.floor(budget / group_cost), n_kv - 1]).astype(int)
         ideal = np.maximum(budget - groups * group_cost, 0) / np.array([v.mlp.channel_cost for v in chosen])
-        channels = largest_remainder(ideal, int(round(ideal.sum())), np.array([v.mlp.width - 1 for v in chosen]))
+        max_channels = np.array([v.mlp.width - 1 for v in chosen])
+        channels = largest_remainder(ideal, int(round(ideal.sum())), max_channels)
         plan = PruningPlan({v.index: lowest(scores.attn[v.index], g) for v, g in zip(chosen, groups)},
                            {v.index: lowest(scores.mlp[v.index], c) for v, c in zip(chosen, channels)},
                            [], target)
