@@ -129,6 +129,7 @@ def build_skeleton(config, manifest: dict, dtype, attn_implementation: str) -> n
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=attn_implementation)
+    model.tie_weights()   # skipped with the initialisation; follows config.tie_word_embeddings
     check_supported(model)
     with torch.no_grad():
         for view, shape in zip(layer_views(model), manifest["layers"]):

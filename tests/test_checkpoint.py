@@ -1,0 +1,154 @@
+"""Pruned checkpoints: exact reload on every architecture, plain from_pretrained, bad inputs, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import REPO, tiny_model, tiny_overrides, tokens
+from prune_lab import load_pruned
+from prune_lab.adapter import layer_shapes
+from prune_lab.checkpoint import save_pruned
+from prune_lab.errors import CheckpointError
+from prune_lab.model import RandomModel
+from prune_lab.plan import PruningPlan
+from prune_lab.prune import apply_plan
+
+MIXED = PruningPlan(attn={0: [1]}, mlp={2: [1, 5, 7], 3: list(range(20))}, layers=[1])
+UNIFORM = PruningPlan(attn={i: [0] for i in range(3)}, mlp={i: list(range(10)) for i in range(3)})
+
+
+def logits(model, x=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens() if x is None else x).logits
+
+
+def saved(model, plan, tmp_path):
+    apply_plan(model, plan)
+    save_pruned(model, None, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_reload_is_exact_on_every_arch_with_removed_layer(arch, tmp_path):
+    model = tiny_model(arch, layers=4)
+    path = saved(model, MIXED, tmp_path)
+    reloaded = load_pruned(path)
+    assert layer_shapes(reloaded) == layer_shapes(model)
+    assert len(reloaded.model.layers) == 3
+    assert reloaded.config.prune_lab["removed_layers"] == [1]
+    assert torch.equal(logits(reloaded), logits(model))
+    # per-layer widths differ, so the top-level config keeps the dense (buildable) head counts
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_attention_heads"] == model.config.num_attention_heads
+    assert [s["mlp_width"] for s in config["prune_lab"]["layers"]] == [48, 45, 28]
+
+
+def test_reload_keeps_dtype_and_ties_embeddings(tmp_path):
+    config = AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                                  vocab_size=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = saved(model, PruningPlan(mlp={0: [0, 3]}, attn={1: [0]}), tmp_path)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()   # stored once
+    reloaded = load_pruned(path)
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_uniform_prune_loads_with_plain_from_pretrained(arch, tmp_path):
+    model = tiny_model(arch, layers=3)
+    path = saved(model, UNIFORM, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    q_heads = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) \
+        == (q_heads, 1, 38)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert torch.equal(logits(plain), logits(model))
+    assert torch.equal(logits(load_pruned(path)), logits(model))
+
+
+def test_uniform_prune_with_invalid_head_count_keeps_dense_config(tmp_path):
+    # 8 q / 4 kv heads on hidden 64: removing one group leaves 6 heads, which LlamaConfig refuses
+    model = RandomModel(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                        num_hidden_layers=2, intermediate_size=48, device="cpu").build()
+    path = saved(model, PruningPlan(attn={0: [2], 1: [0]}), tmp_path)
+    assert json.loads((path / "config.json").read_text())["num_attention_heads"] == 8
+    reloaded = load_pruned(path)
+    assert reloaded.model.layers[0].self_attn.num_key_value_groups == 2
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return saved(tiny_model("llama", layers=4), MIXED, tmp_path)
+
+
+def edit_manifest(path, edit) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config["prune_lab"])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.rename(p.parent / "gone"), "does not exist"),
+    (lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda p: (p / "config.json").write_text("{not json"), "cannot read"),
+    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:5000]),
+     "corrupt or truncated"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 64), "corrupt or truncated"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"][1].update(mlp_width=30)), "does not match the weights"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"].pop()), "does not match the weights"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"][0].update(q_heads=3)), "does not fit the config"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"][0].pop("kv_heads")), "malformed manifest"),
+    (lambda p: edit_manifest(p, lambda m: m.clear()), "no prune_lab manifest"),
+])
+def test_bad_checkpoints_fail_with_one_line(checkpoint, damage, message):
+    damage(checkpoint)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_pruned(checkpoint)
+    assert "\n" not in str(err.value)
+
+
+def run_cli(*overrides, run_dir, cache) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "prune_lab", *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_recovers_saves_and_reloads_the_same_ppl(tmp_path):
+    # llama: AutoTokenizer reloads the lab tokenizer as the same class (a qwen2 config maps it to Qwen2Tokenizer)
+    tiny = [o.replace("num_hidden_layers=3", "num_hidden_layers=4") for o in tiny_overrides("llama", tmp_path)]
+    job = [o for o in tiny if not o.startswith("model")] + ["output.plots=false"]
+    first = run_cli(*tiny, "output.plots=false", "allocator=depth", "allocator.n_layers=1", "finetune=lora",
+                    "finetune.max_steps=4", "finetune.batch_size=2", "finetune.seq_len=32",
+                    "output.save_model=true", run_dir=tmp_path / "a", cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved_run = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved_run["finetune"]["steps"] == 4 and (tmp_path / "a" / "loss.csv").exists()
+    model_dir = tmp_path / "a" / "model"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    assert json.loads((model_dir / "config.json").read_text())["prune_lab"]["removed_layers"] != []
+
+    second = run_cli(*job, "model=pruned", f"model.path={model_dir}", "allocator.ratio=0",
+                     "eval.before=true", run_dir=tmp_path / "b", cache=tmp_path / "cache")
+    assert second.returncode == 0, second.stderr[-3000:]
+    reloaded_run = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert reloaded_run["model"]["dense"]["num_layers"] == 3
+    assert reloaded_run["dense"]["ppl/data"] == saved_run["pruned"]["ppl/data"]   # bit for bit
+
+    bad = run_cli(*job, "model=pruned", f"model.path={tmp_path}/nowhere", run_dir=tmp_path / "c",
+                  cache=tmp_path / "cache")
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("prune_lab: error:")]
+    assert len(errors) == 1 and "nowhere" in errors[0]
