@@ -160,8 +160,8 @@ def plot_metric_vs_knob(frame: pd.DataFrame, knob: str, metrics: list[str], path
                     label=label[:80])
     for name, value in (baselines or {}).items():
         ax.axhline(value, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(f"{name} {value:.2f}", (0.01, value), xycoords=("axes fraction", "data"),
-                    va="bottom", fontsize=8, color="grey")
+        ax.annotate(f"{name} {value:.2f}", (0.99, value), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=8, color="grey")
     values = data[metrics].to_numpy(float)
     if np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 10:
         ax.set_yscale("log")
@@ -190,8 +190,11 @@ def plot_pareto(frame: pd.DataFrame, x: str, y: str, path: Path, label: str = "r
     fig, (ax,) = new_figure(6.5, 4.5)
     ax.scatter(xs[~front], ys[~front], color="#cbd5e0", edgecolor="grey", label="dominated")
     ax.plot(xs[front][order], ys[front][order], "-o", color=KEPT, label=f"Pareto front ({front.sum()})")
+    names: dict[tuple, list[str]] = {}                  # runs landing on the same point share a label
     for name, xi, yi in zip(data.loc[front, label], xs[front], ys[front]):
-        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        names.setdefault((xi, yi), []).append(str(name))
+    for (xi, yi), same in names.items():
+        ax.annotate(", ".join(same), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(f"{x} (lower is better)")
     ax.set_ylabel(f"{y} (lower is better)")
     ax.set_title(f"Pareto front: {y} vs {x} ({len(data)} runs)", fontsize=10)

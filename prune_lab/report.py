@@ -23,16 +23,12 @@ FIRST_COLUMNS = ["run", "status"]
 SUMMARY_METRICS = ["params", "achieved_ratio", "layers_removed", "zeroshot/avg_acc", "time/total"]
 
 
-def natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
 def find_run_dirs(roots: list[Path]) -> list[Path]:
     found = set()
     for root in roots:
         found |= {p.parent for p in root.rglob("metrics.json")}
         found |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
-    return sorted(found, key=natural_key)
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -166,8 +162,10 @@ def check_column(frame: pd.DataFrame, name: str, option: str) -> None:
 
 def summary_columns(frame: pd.DataFrame) -> list[str]:
     """The Markdown view: swept overrides, perplexities, size, ratio (report.csv has everything)."""
-    dense = [f"dense/{c}" for c in ppl_columns(frame)]
-    wanted = FIRST_COLUMNS + swept_columns(frame) + ppl_columns(frame) + dense + SUMMARY_METRICS
+    ppl = ppl_columns(frame)
+    accuracy = [c for c in frame.columns if c.startswith("zeroshot/") and c.endswith("/acc")]
+    dense = [f"dense/{c}" for c in ppl]
+    wanted = FIRST_COLUMNS + swept_columns(frame) + ppl + dense + accuracy + SUMMARY_METRICS
     return [c for c in wanted if c in frame.columns]
 
 

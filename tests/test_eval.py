@@ -155,10 +155,10 @@ def test_zeroshot_task_data_unreachable_offline_is_one_clear_error(tokenizer, mo
 def test_zeroshot_without_the_extra_is_one_clear_error(tokenizer, monkeypatch):
     from prune_lab.eval.zeroshot import zero_shot
     monkeypatch.setitem(sys.modules, "lm_eval", None)          # makes `import lm_eval` raise ImportError
-    evaluator = Evaluator(ppl=None, zeroshot={"tasks": ["prune_lab_tiny_mc"], "include_path": str(TASKS)})
     with pytest.raises(PruneLabError, match=r"not installed: pip install 'prune_lab\[eval\]'") as err:
-        evaluator(tiny_model("llama", layers=1), tokenizer, {}, None)
+        Evaluator(ppl=None, zeroshot={"tasks": ["prune_lab_tiny_mc"], "include_path": str(TASKS)})
     assert "\n" not in str(err.value)
+    assert Evaluator(zeroshot={"tasks": []}).zeroshot == {"tasks": []}     # zero-shot off: no extra needed
     with pytest.raises(PruneLabError, match="not installed"):
         zero_shot(None, tokenizer, ["x"])
 

@@ -10,6 +10,9 @@ class Evaluator:
     def __init__(self, before: bool = False, ppl: dict | None = None,
                  zeroshot: dict | None = None, efficiency: dict | None = None):
         self.before, self.ppl, self.zeroshot, self.efficiency = before, ppl, zeroshot, efficiency
+        if zeroshot and zeroshot.get("tasks"):    # a missing extra fails at build time, not after pruning
+            from .zeroshot import import_lm_eval
+            import_lm_eval()
 
     def __call__(self, model, tokenizer, datasets: dict, streams, tag: str = "") -> dict:
         """datasets: name -> TextDataset; streams: TokenStreams of the tokenizer."""
