@@ -212,7 +212,8 @@ def write_sweep_plots(ok: pd.DataFrame, out: Path, knobs: list[str], metrics: li
         return paths
     for knob in knobs:
         others = [c for c in swept if c != knob]
-        grouped = 0 < len(others) <= 2 and ok.groupby(others, dropna=False).ngroups <= 6
+        sizes = ok.groupby(others, dropna=False).size() if others else None
+        grouped = 0 < len(others) <= 2 and len(sizes) <= 6 and sizes.min() >= 2   # a grid, not random
         baselines = {f"dense {m}": float(ok[f"dense/{m}"].median()) for m in metrics
                      if f"dense/{m}" in ok and ok[f"dense/{m}"].notna().any()}
         name = re.sub(r"[^\w.-]+", "_", knob)
