@@ -28,9 +28,10 @@ _MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 @torch.no_grad()
 def model_fingerprint(model) -> str:
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():   # float64 reductions without a float64 copy of the weights
         d = p.detach()
-        h.update(f"{name}{tuple(d.shape)}{d.double().sum().item():.10e}{d.double().abs().sum().item():.10e}".encode())
+        total, l1 = d.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(d, 1, dtype=torch.float64).item()
+        h.update(f"{name}{tuple(d.shape)}{total:.10e}{l1:.10e}".encode())
     return h.hexdigest()
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import compose_job, tiny_overrides
+from conftest import compose_job, tiny_model, tiny_overrides
 from prune_lab import cache
-from prune_lab.cache import ContentTokenStreams, DenseModels, tokens_fingerprint
+from prune_lab.cache import ContentTokenStreams, DenseModels, model_fingerprint, tokens_fingerprint
 from prune_lab.data import LocalText
 from prune_lab.model import ASSETS, RandomModel
 from prune_lab.pipeline import run
@@ -69,6 +69,16 @@ def test_reused_scores_equal_computed_ones(tmp_path, text_files):
     assert all(torch.equal(a[k], b[k]) and torch.allclose(a[k], c[k]) for k in a)
     plans = [(tmp_path / d / "plan.csv").read_text() for d in "abc"]
     assert plans[0] == plans[1] == plans[2]
+
+
+def test_model_fingerprint_sees_every_weight_and_the_dtype():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert model_fingerprint(a) == model_fingerprint(b) != model_fingerprint(tiny_model(seed=1))
+    with torch.no_grad():
+        b.model.layers[2].mlp.down_proj.weight[0, 0] += 1e-4
+    fp32 = model_fingerprint(a)
+    assert fp32 != model_fingerprint(b)
+    assert fp32 != model_fingerprint(a.to(torch.bfloat16))      # .to() converts in place
 
 
 def test_tokens_fingerprint_sees_tokens_and_batching():
