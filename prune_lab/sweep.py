@@ -118,7 +118,7 @@ class StudyCallback(Callback):
     trials.csv (every trial of the study) and, for multi-objective studies, pareto_front.csv.
     """
 
-    def __init__(self, max_failure_rate: float = 0.3):
+    def __init__(self, max_failure_rate: float = 0.5):
         if not 0.0 <= max_failure_rate <= 1.0:
             raise PruneLabError(f"max_failure_rate must be in [0, 1], got {max_failure_rate}")
         self.max_failure_rate = max_failure_rate
