@@ -173,6 +173,7 @@ class TrainConf(FinetuneConf):
 @dataclass
 class LoraConf(TrainConf):
     _target_: str = "prune_lab.finetune.LoRA"
+    lr: float = 2e-3
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
