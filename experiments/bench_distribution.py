@@ -99,6 +99,8 @@ def report(opt: pd.DataFrame, grid: pd.DataFrame, li: pd.DataFrame, walls: dict,
     cached = opt[(opt.reused == True) & (opt.state == "COMPLETE")]  # noqa: E712
     ratio = (cached.trial_s / cached.eval_s)
     grid_cached = ok[ok.reused == True]  # noqa: E712
+    failed_shares = [share_of(d) for d in grid[grid.status != "ok"].distribution]
+    infeasible = f"{min(failed_shares):g}:{10 - min(failed_shares):g}" if failed_shares else "—"
     lines = [
         f"# Distribution search on lab-llama, ratio {RATIO} (layerwise, taylor, layer_importance=activation)",
         "",
@@ -119,9 +121,10 @@ def report(opt: pd.DataFrame, grid: pd.DataFrame, li: pd.DataFrame, walls: dict,
         "",
         "Trial wall = Optuna's ask-to-tell time (Hydra job set-up, load from the in-memory dense copy, "
         "cached scores, allocate, prune, PPL, record); its PPL eval = the same trial's `evaluate` stage. "
-        "Grid rows use the pipeline's own total (no Optuna timing there). Splits above ~7.8:2.2 cannot "
-        "be met at this ratio (attention is 22% of the decoder) and fail with a BudgetError, which the "
-        "study records as a failed trial.",
+        "Grid rows use the pipeline's own total (no Optuna timing there). "
+        f"Splits from {infeasible} up cannot be met at this ratio (attention is 22% of the decoder) and "
+        "fail with a BudgetError within seconds, before any evaluation; the study records them as failed "
+        "trials (Optuna 2.10's TPE ignores failed trials, so it keeps proposing some).",
         "",
         "Layer importance at the grid's best split, cache off (score stage = taylor unit scores + the "
         "layer importance, on the default 64 x 256-token calibration batches):",
