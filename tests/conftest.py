@@ -72,5 +72,15 @@ def needs_shared():
     return pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (lab models and data) is absent")
 
 
+def write_small_corpus(directory) -> Path:
+    """train.txt/test.txt cut from the bundled test split, so a run tokenises little."""
+    import gzip
+    with gzip.open(ASSETS / "wiki-vital-en" / "test.txt.gz", "rt", encoding="utf-8") as f:
+        text = f.read(60_000)
+    (directory / "train.txt").write_text(text[:40_000], encoding="utf-8")
+    (directory / "test.txt").write_text(text[40_000:], encoding="utf-8")
+    return directory
+
+
 def tokens(n: int = 2, length: int = 16, vocab: int = 8192, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))

@@ -1,27 +1,23 @@
 """Score cache (content-hash keys) and the in-process dense-model cache that make sweep trials cheap."""
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 import torch
 
-from conftest import compose_job, tiny_model, tiny_overrides
+from conftest import compose_job, tiny_model, tiny_overrides, write_small_corpus
 from prune_lab import cache
 from prune_lab.cache import ContentTokenStreams, DenseModels, model_fingerprint, tokens_fingerprint
 from prune_lab.data import LocalText
-from prune_lab.model import ASSETS, RandomModel
+from prune_lab.model import RandomModel
 from prune_lab.pipeline import run
 
 
 @pytest.fixture
 def text_files(tmp_path):
     """Small local train/test splits (a slice of the bundled corpus), so each run tokenises little."""
-    with gzip.open(ASSETS / "wiki-vital-en" / "test.txt.gz", "rt", encoding="utf-8") as f:
-        text = f.read(60_000)
-    (tmp_path / "train.txt").write_text(text[:40_000], encoding="utf-8")
-    (tmp_path / "test.txt").write_text(text[40_000:], encoding="utf-8")
+    write_small_corpus(tmp_path)
     return tmp_path
 
 

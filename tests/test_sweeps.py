@@ -1,7 +1,6 @@
 """Hydra multirun and Optuna studies, run for real through the CLI on a tiny random model."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -16,9 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF, tiny_overrides
+from conftest import CONF, tiny_overrides, write_small_corpus
 from prune_lab.errors import PruneLabError
-from prune_lab.model import ASSETS
 from prune_lab.sweep import StudyCallback, attn_mlp, register_resolvers
 
 ABLATIONS = {"ablate_layer_importance": ("layer_importance", "activation,removal"),
@@ -31,10 +29,7 @@ ABLATIONS = {"ablate_layer_importance": ("layer_importance", "activation,removal
 @pytest.fixture
 def job_args(tmp_path):
     """Tiny model + a small local corpus, so a trial is about a second."""
-    with gzip.open(ASSETS / "wiki-vital-en" / "test.txt.gz", "rt", encoding="utf-8") as f:
-        text = f.read(60_000)
-    (tmp_path / "train.txt").write_text(text[:40_000], encoding="utf-8")
-    (tmp_path / "test.txt").write_text(text[40_000:], encoding="utf-8")
+    write_small_corpus(tmp_path)
     return [*tiny_overrides("llama", tmp_path), "data=text", f"data.train={tmp_path}/train.txt",
             f"data.test={tmp_path}/test.txt"]
 
