@@ -23,7 +23,7 @@ register_resolvers()
 log = logging.getLogger("prune_lab")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | tuple[float, float]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

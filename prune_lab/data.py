@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from .errors import DataUnavailable, PruneLabError
 
 ASSETS = Path(__file__).parent / "assets"
-CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
+CONF_DATA = Path(__file__).resolve().parent / "conf" / "data"
 SPLITS = ("train", "valid", "test")
 
 

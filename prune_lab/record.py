@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_revision() -> str | None:
+    """The checkout's revision, or None when the code does not run from a git checkout (a wheel)."""
+    if not ((REPO / ".git").exists() and (REPO / "pyproject.toml").is_file()):
+        return None
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5)

@@ -17,7 +17,7 @@ from prune_lab import schema  # noqa: E402
 from prune_lab.model import ASSETS, RandomModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
+CONF = REPO / "prune_lab" / "conf"
 SHARED = REPO.parent / "shared"
 LAB_MODEL = ASSETS / "lab-llama"
 
