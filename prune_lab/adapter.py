@@ -116,13 +116,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_views(model: nn.Module) -> list[LayerView]:
     """One view per decoder layer, in order."""
     hd = head_dim_of(model.config)
-    views = []
-    for i, layer in enumerate(decoder_layers(model)):
-        a, m = layer.self_attn, layer.mlp
-        attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                             getattr(a, "q_norm", None), getattr(a, "k_norm", None), hd)
-        views.append(LayerView(i, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj)))
-    return views
+    return [layer_view(i, layer, hd) for i, layer in enumerate(decoder_layers(model))]
+
+
+def layer_view(index: int, layer: nn.Module, head_dim: int) -> LayerView:
+    """The view of one decoder layer module (also of a detached copy of one)."""
+    a, m = layer.self_attn, layer.mlp
+    attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                         getattr(a, "q_norm", None), getattr(a, "k_norm", None), head_dim)
+    return LayerView(index, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj))
 
 
 def decoder_linear_params(model: nn.Module) -> int:

@@ -1,0 +1,285 @@
+"""Layer-sequential calibration engine (pure of Hydra): walk the decoder one layer at a time.
+
+`walk` captures what the model passes its decoder layers (hidden states entering layer 0, position
+embeddings, the attention mask of each layer, ...) for the calibration batches, then per layer:
+moves it to the compute device, runs each stage of the method with hooks that collect InputStats of
+the stage's linears (padding tokens excluded), lets the method modify the layer, and computes the
+next layer's inputs from the modified layer (propagate="pruned") or the unmodified one ("dense").
+
+Two streams: a method with `needs_cross = True` (reconstruction on the pruned path) gets, per linear,
+the Gram of the pruned-path inputs X~, the cross-Gram X·X~ᵀ with the dense-path inputs X and the
+dense Gram X·Xᵀ; the engine then keeps the dense stream too, through an unmodified copy of the layer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapter import LayerView, layer_view, layer_views
+from .errors import PruneLabError
+
+PROPAGATE = ("pruned", "dense")
+LINEAR_PATHS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+@dataclass
+class InputStats:
+    """Statistics of one nn.Linear's input features over the calibration tokens (fp32)."""
+
+    sum: Tensor                       # (in,) sum x
+    sum_sq: Tensor                    # (in,) sum x^2
+    abs_sum: Tensor                   # (in,) sum |x|
+    count: int                        # tokens accumulated (padding excluded)
+    gram: Tensor | None = None        # (in, in) sum x~ x~ᵀ on the stream the layer sees
+    cross: Tensor | None = None       # (in, in) sum x x~ᵀ, x on the dense path (== gram on one stream)
+    dense_gram: Tensor | None = None  # (in, in) sum x xᵀ on the dense path (== gram on one stream)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance per feature."""
+        return (self.sum_sq / max(self.count, 1) - self.mean ** 2).clamp_min(0)
+
+    @property
+    def mean_abs(self) -> Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def sq_norm(self) -> Tensor:
+        return self.sum_sq
+
+
+class LayerMethod(Protocol):
+    needs_gram: bool            # optional `needs_cross: bool` (default False) asks for the two streams
+
+    def stages(self, view: LayerView) -> list[list[str]]: ...
+
+    def apply(self, index: int, view: LayerView, stats: dict[str, InputStats]) -> dict: ...
+
+
+def linear_at(view: LayerView, path: str) -> nn.Linear:
+    """'attn.o' -> view.attn.o; 'mlp.down' -> view.mlp.down."""
+    if path not in LINEAR_PATHS:
+        raise PruneLabError(f"unknown linear '{path}': use one of {', '.join(LINEAR_PATHS)}")
+    part, name = path.split(".")
+    return getattr(getattr(view, part), name)
+
+
+class _Accumulator:
+    """Per-linear fp32 accumulators fed by forward hooks; the token mask drops padding."""
+
+    def __init__(self, lin: nn.Linear, gram: bool, cross: bool, device):
+        n = lin.in_features
+        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        self.sum, self.sum_sq, self.abs_sum, self.count = z(n), z(n), z(n), 0
+        self.gram = z(n, n) if gram or cross else None
+        self.cross = z(n, n) if cross else None
+        self.dense_gram = z(n, n) if cross else None
+        self.dense_x: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        self.sum += x.sum(0)
+        self.sum_sq += x.pow(2).sum(0)
+        self.abs_sum += x.abs().sum(0)
+        self.count += x.shape[0]
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
+        if self.cross is not None:
+            d, self.dense_x = self.dense_x, None
+            self.cross.addmm_(d.T, x)
+            self.dense_gram.addmm_(d.T, d)
+
+    def stats(self) -> InputStats:
+        single = self.cross is None
+        return InputStats(self.sum, self.sum_sq, self.abs_sum, self.count, self.gram,
+                          self.gram if single else self.cross, self.gram if single else self.dense_gram)
+
+
+def _tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return x if mask is None else x[mask.reshape(-1)]
+
+
+class _StopCapture(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs, computes nothing."""
+
+    def __init__(self, index: int, last: bool, attention_type: str | None, sink: list):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+        if attention_type is not None:
+            self.attention_type = attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise PruneLabError("decoder layer called with positional extras: unsupported model")
+        self.sink.append((hidden_states, kwargs))
+        if self.last:
+            raise _StopCapture
+        return hidden_states
+
+
+def split_batch(batch) -> tuple[Tensor, Tensor | None]:
+    """A batch is input ids [B, T] or a mapping with input_ids and an optional attention_mask."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"], batch.get("attention_mask")
+    return batch, None
+
+
+@torch.no_grad()
+def capture(model: nn.Module, batches, device, store) -> tuple[list, list, list]:
+    """Hidden states entering layer 0 (on `store`), per-layer kwargs (per batch) and token masks."""
+    layers = model.model.layers
+    hidden, kwargs, masks = [], [], []
+    sink: list = []
+    recorders = nn.ModuleList(_Recorder(i, i == len(layers) - 1, getattr(layer, "attention_type", None), sink)
+                              for i, layer in enumerate(layers))
+    model.model.layers = recorders
+    try:
+        for batch in batches:
+            ids, attn_mask = split_batch(batch)
+            sink.clear()
+            try:
+                model.model(input_ids=ids.to(device),
+                            attention_mask=None if attn_mask is None else attn_mask.to(device),
+                            use_cache=False)
+            except _StopCapture:
+                pass
+            hidden.append(sink[0][0].to(store))
+            kwargs.append([kw for _, kw in sink])
+            masks.append(None if attn_mask is None else attn_mask.bool().to(device))
+    finally:
+        model.model.layers = layers
+    return hidden, kwargs, masks
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run(layer: nn.Module, x: Tensor, kwargs: dict, device) -> Tensor:
+    out = layer(x.to(device), **_to(kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offload: bool = False,
+         propagate: str = "pruned", progress: bool = True, return_hidden: bool = False):
+    """Walk the decoder layer by layer (see the module docstring). Returns the per-layer records
+    (and the hidden states leaving the last layer when return_hidden=True)."""
+    if propagate not in PROPAGATE:
+        raise PruneLabError(f"engine.propagate must be one of {PROPAGATE}, got '{propagate}'")
+    device = torch.device(device)
+    store = torch.device("cpu") if offload else device
+    views = layer_views(model)
+    layers = model.model.layers
+    homes = [next(layer.parameters()).device for layer in layers]
+    if offload:
+        layers_saved, model.model.layers = layers, nn.ModuleList()
+        model.model.to(device)           # embeddings, rotary, final norm only
+        model.model.layers = layers_saved
+    else:
+        model.to(device)
+    try:
+        pruned_in, kwargs, masks = capture(model, batches, device, store)
+    finally:
+        if offload:
+            layers_saved, model.model.layers = layers, nn.ModuleList()
+            model.model.to(homes[0])
+            model.model.layers = layers_saved
+    needs_cross = bool(getattr(method, "needs_cross", False)) and propagate == "pruned"
+    dense_in = list(pruned_in) if needs_cross else None
+    records = []
+    bar = tqdm(views, desc="engine", disable=not progress, leave=False)
+    for view in bar:
+        i, layer = view.index, view.module
+        t0 = time.perf_counter()
+        layer.to(device)
+        dense_layer = copy.deepcopy(layer) if needs_cross else None
+        kw = [k[i] for k in kwargs]
+        dense_out = None
+        stage_records = []
+        for stage in method.stages(view):
+            accs = {p: _Accumulator(linear_at(view, p), method.needs_gram, needs_cross, device) for p in stage}
+            outs = _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, device,
+                               want_out=dense_out is None and (propagate == "dense" or needs_cross))
+            if outs is not None:
+                dense_out = [o.to(store) for o in outs]
+            stage_records.append(method.apply(i, view, {p: a.stats() for p, a in accs.items()}) or {})
+            del accs
+        if propagate == "pruned":
+            next_in = [_run(layer, x, k, device).to(store) for x, k in zip(pruned_in, kw)]
+            if needs_cross:
+                dense_in = dense_out if dense_out is not None else \
+                    [_run(dense_layer, x, k, device).to(store) for x, k in zip(dense_in, kw)]
+        else:
+            next_in = dense_out if dense_out is not None else \
+                [_run(layer, x, k, device).to(store) for x, k in zip(pruned_in, kw)]
+        pruned_in = next_in
+        del dense_layer
+        if offload:
+            layer.to(homes[i])
+        records.append({"layer": i, "seconds": time.perf_counter() - t0, "stages": stage_records})
+    return (records, pruned_in) if return_hidden else records
+
+
+def _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, device, want_out):
+    """Run one stage's calibration pass; returns the dense outputs if `want_out` (else None).
+
+    With two streams the unmodified copy runs first on the dense input of each batch to hand each
+    accumulator its dense-path x, then the (partly modified) layer runs on the pruned input.
+    """
+    handles, current = [], {"mask": None, "dense": False}
+
+    def make_hook(acc):
+        def hook(_mod, inputs, _out):
+            x = _tokens(inputs[0], current["mask"])
+            if current["dense"]:
+                acc.dense_x = x
+            else:
+                acc.add(x)
+        return hook
+
+    outs = [] if want_out else None
+    try:
+        for path, acc in accs.items():
+            handles.append(linear_at(view, path).register_forward_hook(make_hook(acc)))
+            if dense_layer is not None:
+                dense_view = layer_view(view.index, dense_layer, view.attn.head_dim)
+                handles.append(linear_at(dense_view, path).register_forward_hook(make_hook(acc)))
+        for b, (x, k) in enumerate(zip(pruned_in, kw)):
+            current["mask"] = masks[b]
+            if dense_layer is not None:
+                current["dense"] = True
+                y = _run(dense_layer, dense_in[b], k, device)
+                current["dense"] = False
+                if want_out:
+                    outs.append(y)
+            y = _run(layer, x, k, device)
+            if want_out and dense_layer is None:
+                outs.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
