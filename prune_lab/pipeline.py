@@ -17,6 +17,7 @@ from .adapter import decoder_linear_params, layer_shapes, layer_views
 from .cache import ScoreCache, cache_key, load_dense, model_fingerprint, tokens_fingerprint
 from .data import load_named
 from .errors import PruneLabError
+from .layer_table import layer_table, write_layer_table
 from .prune import apply_plan, max_logit_difference
 from .record import RunRecord
 
@@ -106,6 +107,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         plan.save(run_dir / "plan.csv")
         if getattr(allocator, "table", None) is not None:
             allocator.table.to_csv(run_dir / "unit_table.csv", index=False)
+        write_layer_table(run_dir, layer_table(views, plan, layer_scores),
+                          layer_importance.name if layer_importance else None)
     record["plan"] = plan.summary(views)
     log.info("plan:   %d KV groups, %d MLP channels, layers %s removed = %d params (%.2f%% of decoder)",
              record["plan"]["groups_removed"], record["plan"]["channels_removed"],

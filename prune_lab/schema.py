@@ -132,7 +132,8 @@ class LayerwiseConf(AllocatorConf):
     _target_: str = "prune_lab.allocator.Layerwise"
     strategy: str = "inverse"
     alpha: float = 1.0
-    eps: float = 0.05
+    eps: float = 0.01
+    log_transform: bool = False
     min_rate: float = 0.0
     max_rate: float = 0.9
     freeze_top_n: int = 0

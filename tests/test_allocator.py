@@ -13,6 +13,7 @@ from prune_lab.adapter import decoder_linear_params, layer_views
 from prune_lab.allocator import Depth, Global, Layerwise, Uniform, parse_distribution
 from prune_lab.errors import BudgetError, PruneLabError
 from prune_lab.importance import Magnitude, Random
+from prune_lab.layer_table import layer_table
 from prune_lab.model import RandomModel
 from prune_lab.plan import PruningPlan
 from prune_lab.prune import apply_plan
@@ -134,12 +135,64 @@ def test_layerwise_inverse_prunes_unimportant_layers_more(fine):
 
 def test_layerwise_min_and_max_rate(fine):
     views, scores = fine
-    free = counts(Layerwise(0.1, distribution="0:10")(scores, views, LAYER_IMPORTANCE), 6)[1]
-    assert min(free) < 6 and max(free) > 26                   # unclipped rates would leave [0.1, 0.4]
-    _, channels = counts(Layerwise(0.1, min_rate=0.1, max_rate=0.4, distribution="0:10")(
+    free = counts(Layerwise(0.08, distribution="0:10")(scores, views, LAYER_IMPORTANCE), 6)[1]
+    assert min(free) < 6 and max(free) > 20                   # unclipped rates would leave [0.1, 0.3]
+    _, channels = counts(Layerwise(0.08, min_rate=0.1, max_rate=0.3, distribution="0:10")(
         scores, views, LAYER_IMPORTANCE), 6)
-    assert all(math.floor(0.1 * 64) <= c <= math.ceil(0.4 * 64) for c in channels)
-    assert min(channels) <= math.ceil(0.1 * 64) and max(channels) >= math.floor(0.4 * 64)
+    assert all(math.floor(0.1 * 64) <= c <= math.ceil(0.3 * 64) for c in channels)
+    assert min(channels) <= math.ceil(0.1 * 64) and max(channels) >= math.floor(0.3 * 64)
+
+
+def three_layer_rates(strategy: str, importance, **kwargs) -> np.ndarray:
+    """Per-layer rates of a Layerwise plan on 3 equal, fine-grained layers (16 KV groups, 400 channels)."""
+    model = RandomModel(arch="llama", hidden_size=64, num_attention_heads=32, num_key_value_heads=16,
+                        head_dim=2, num_hidden_layers=3, intermediate_size=400, device="cpu").build()
+    views = layer_views(model)
+    plan = Layerwise(0.25, strategy=strategy, **kwargs)(Magnitude()(model), views, torch.tensor(importance))
+    return layer_table(views, plan)["rate"].to_numpy()
+
+
+def test_layerwise_strategies_match_the_original_three_layer_example():
+    """Importance [0.8, 0.3, 0.7] at 25%: inverse gives about [15, 40, 20]% (the original's example).
+
+    Reference: I/ΣI = [.444, .167, .389], w = 1/(I/ΣI + 0.01), rates = 0.75·w/Σw.
+    """
+    imp = [0.8, 0.3, 0.7]
+    rel = np.array(imp) / sum(imp)
+    for strategy, w in (("inverse", 1 / (rel + 0.01)), ("proportional", rel + 0.01), ("uniform", np.ones(3)),
+                        ("inverse_minmax", 1 / (np.array([1.0, 0.0, 0.8]) + 0.01))):
+        expected = 0.75 * w / w.sum()
+        got = three_layer_rates(strategy, imp, distribution="0:10")
+        assert got == pytest.approx(expected, abs=0.005), strategy
+    assert three_layer_rates("inverse", imp, distribution="0:10") == pytest.approx([0.15, 0.40, 0.20], abs=0.02)
+    # proportional prunes the important layers more; with attention in the split the rates stay close
+    got = three_layer_rates("proportional", imp)
+    assert got[0] > got[2] > got[1]
+    assert got.mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_layerwise_log_transform_tames_an_outlier():
+    imp = [3478.0, 0.5, 11.0]        # removal scores with layer 0 as an outlier
+    plain = three_layer_rates("inverse", imp, distribution="0:10")
+    logged = three_layer_rates("inverse", imp, distribution="0:10", log_transform=True)
+    rel = np.log1p(imp) / np.log1p(imp).sum()
+    w = 1 / (rel + 0.01)
+    assert logged == pytest.approx(0.75 * w / w.sum(), abs=0.005)
+    # plain I/ΣI is ~0 for both small layers (11 and 0.5 look alike next to 3478); log separates them
+    assert plain[0] < logged[0] and logged[1] / logged[2] > 2 * plain[1] / plain[2]
+
+
+def test_layer_table_rates_for_every_allocator(fine):
+    views, scores = fine
+    for allocator in (Uniform(0.3), Global(0.3), Layerwise(0.3), Depth(n_layers=2)):
+        plan = allocator(scores, views, LAYER_IMPORTANCE)
+        df = layer_table(views, plan, LAYER_IMPORTANCE)
+        assert df["importance"].tolist() == LAYER_IMPORTANCE.tolist()
+        assert df["params_pruned"].sum() == plan.params_removed(views)
+        for i, row in df.iterrows():
+            removed = i in plan.layers
+            assert row["attn_rate"] == (1.0 if removed else len(plan.attn.get(i, [])) / 8)
+            assert row["mlp_rate"] == (1.0 if removed else len(plan.mlp.get(i, [])) / 64)
 
 
 @pytest.mark.parametrize("distribution, attn_share", [("0:10", 0.0), ("10:0", 1.0), ("3:7", 0.3), ("1:1", 0.5)])

@@ -37,6 +37,10 @@ def test_tiny_job_writes_a_complete_run_dir(tmp_path):
     run = tmp_path / "run"
     assert (run / ".hydra" / "config.yaml").exists() and (run / ".hydra" / "overrides.yaml").exists()
     assert (run / "plan.csv").exists() and (run / "scores.safetensors").exists()
+    layers = json.loads((run / "layers.json").read_text())
+    assert layers["layer_importance_criterion"] == "activation" and len(layers["layer_importance"]) == 3
+    assert {"attn_rate", "mlp_rate", "importance"} <= set(layers["layers"][0])
+    assert (run / "layers.csv").read_text().startswith("layer,")
     m = metrics(tmp_path)
     assert m["status"] == "ok"
     assert m["pruned"]["ppl/data"] > 1 and m["dense"]["ppl/data"] > 1

@@ -20,7 +20,7 @@ from prune_lab.errors import PruneLabError
 from prune_lab.sweep import StudyCallback, attn_mlp, register_resolvers
 
 ABLATIONS = {"ablate_layer_importance": ("layer_importance", "activation,removal"),
-             "ablate_strategy": ("allocator.strategy", "inverse,proportional,uniform"),
+             "ablate_strategy": ("allocator.strategy", "inverse,proportional,uniform,inverse_minmax"),
              "ablate_distribution": ("allocator.distribution", "0:10,1:9,2:8,3:7,4:6,5:5,6:4"),
              "ablate_freezing": ("allocator.freeze_top_n", "0,1,2,3,5"),
              "ablate_importance": ("importance", "taylor,taylor_2nd,wanda,magnitude,random")}

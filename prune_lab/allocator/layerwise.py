@@ -8,7 +8,37 @@ from ..errors import BudgetError, PruneLabError
 from ..plan import PruningPlan
 from .base import Allocator, largest_remainder, lowest, parse_distribution
 
-STRATEGIES = ("inverse", "proportional", "uniform")
+STRATEGIES = ("inverse", "proportional", "uniform", "inverse_minmax")
+
+
+def layer_weights(importance: np.ndarray, eligible: np.ndarray, strategy: str, alpha: float = 1.0,
+                  eps: float = 0.01, log_transform: bool = False) -> np.ndarray:
+    """Relative pruning weight of each eligible layer (0 elsewhere); rates are proportional to it.
+
+    I = max(importance, 0), optionally log(1 + I) to tame outliers; normalised by its sum over the
+    eligible layers (I/ΣI), except inverse_minmax, which scales it to [0, 1]:
+      inverse         w = 1/(I/ΣI + eps)^alpha   less important layers lose more
+      proportional    w = (I/ΣI + eps)^alpha     more important layers lose more
+      uniform         w = 1
+      inverse_minmax  w = 1/(minmax(I) + eps)^alpha  a sharp inverse: the most important layer
+                      gets 1/(1+eps)^alpha, the least 1/eps^alpha
+    """
+    imp = np.clip(np.asarray(importance, dtype=float), 0.0, None)
+    if log_transform:
+        imp = np.log1p(imp)
+    sel = imp[eligible]
+    if strategy == "inverse_minmax":
+        span = sel.max() - sel.min()
+        rel = (imp - sel.min()) / span if span > 0 else np.zeros_like(imp)
+    else:
+        rel = imp / sel.sum() if sel.sum() > 0 else np.full_like(imp, 1.0 / max(len(sel), 1))
+    if strategy in ("inverse", "inverse_minmax"):
+        w = 1.0 / (rel + eps) ** alpha
+    elif strategy == "proportional":
+        w = (rel + eps) ** alpha
+    else:
+        w = np.ones_like(rel)
+    return np.where(eligible, w, 0.0)
 
 
 def solve_rates(weights: np.ndarray, params: np.ndarray, budget: float,
@@ -33,22 +63,19 @@ def solve_rates(weights: np.ndarray, params: np.ndarray, budget: float,
 
 
 class Layerwise(Allocator):
-    """Per-layer rates from layer importance.
+    """Per-layer rates proportional to `layer_weights` of the layer importance (see there).
 
-    strategy: inverse  -> w = 1/(I+eps)^alpha  (less important layers lose more)
-              proportional -> w = (1 - I + eps)^alpha  (linear in un-importance)
-              uniform  -> w = 1
-    with I the layer importance scaled to [0, 1]. Rates are clipped to [min_rate, max_rate];
-    the freeze_top_n most important layers and layers outside [layer_start, layer_end) keep
-    everything. `distribution` "x:y" splits the parameter budget between attention and MLP.
+    Rates r_l = k·w_l (k meets the budget) are clipped to [min_rate, max_rate]; the freeze_top_n
+    most important layers and layers outside [layer_start, layer_end) keep everything.
+    `distribution` "x:y" splits the parameter budget between attention and MLP.
     """
 
     needs_layer_importance = True
 
     def __init__(self, ratio: float = 0.25, strategy: str = "inverse", alpha: float = 1.0,
-                 eps: float = 0.05, min_rate: float = 0.0, max_rate: float = 0.9,
-                 freeze_top_n: int = 0, layer_start: int = 0, layer_end: int | None = None,
-                 distribution: str = "3:7"):
+                 eps: float = 0.01, log_transform: bool = False, min_rate: float = 0.0,
+                 max_rate: float = 0.9, freeze_top_n: int = 0, layer_start: int = 0,
+                 layer_end: int | None = None, distribution: str = "3:7"):
         super().__init__(ratio, layer_start, layer_end)
         if strategy not in STRATEGIES:
             raise PruneLabError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
@@ -56,21 +83,15 @@ class Layerwise(Allocator):
             raise PruneLabError(f"need 0 <= min_rate <= max_rate <= 1, got {min_rate}, {max_rate}")
         if freeze_top_n < 0:
             raise PruneLabError(f"freeze_top_n must be >= 0, got {freeze_top_n}")
-        self.strategy, self.alpha, self.eps = strategy, alpha, eps
+        if eps <= 0 and strategy in ("inverse", "inverse_minmax"):
+            raise PruneLabError(f"allocator.eps must be > 0 for strategy={strategy}, got {eps}")
+        self.strategy, self.alpha, self.eps, self.log_transform = strategy, alpha, eps, log_transform
         self.min_rate, self.max_rate, self.freeze_top_n = min_rate, max_rate, freeze_top_n
         self.attn_share, self.mlp_share = parse_distribution(distribution)
 
     def layer_weights(self, importance: torch.Tensor, eligible: np.ndarray) -> np.ndarray:
         imp = importance.double().cpu().numpy()
-        rel = np.clip(imp - imp[eligible].min(), 0, None)
-        rel = rel / rel[eligible].max() if rel[eligible].max() > 0 else np.zeros_like(rel)
-        if self.strategy == "inverse":
-            w = 1.0 / (rel + self.eps) ** self.alpha
-        elif self.strategy == "proportional":
-            w = (1.0 - rel + self.eps) ** self.alpha
-        else:
-            w = np.ones_like(rel)
-        w = np.where(eligible, w, 0.0)
+        w = layer_weights(imp, eligible, self.strategy, self.alpha, self.eps, self.log_transform)
         if self.freeze_top_n:
             cand = np.flatnonzero(eligible)
             if self.freeze_top_n >= len(cand):
