@@ -1,7 +1,9 @@
 """Architecture adapter: every decoder layer seen as attention (q/k/v/o) + MLP (gate/up/down).
 
 Head counts are read off the projection widths, not the config, so the same view works on a
-model whose layers were pruned to different widths.
+model whose layers were pruned to different widths. OPT is multi-head attention (GQA with G=1,
+q/k/v/out_proj with biases) and an fc1/fc2 MLP without a gate (MLPView.gate is None; a channel is
+an fc1 row + bias and an fc2 column).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch.nn as nn
 
 from .errors import UnsupportedArchitecture
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+NO_GATE_FAMILIES = ("opt",)
 
 
 @dataclass
@@ -56,9 +59,14 @@ class AttentionView:
 @dataclass
 class MLPView:
     module: nn.Module
-    gate: nn.Linear
+    gate: nn.Linear | None            # None: no gated MLP (OPT's fc1 -> act -> fc2)
     up: nn.Linear
     down: nn.Linear
+
+    @property
+    def inputs(self) -> tuple[nn.Linear, ...]:
+        """The linears that read the MLP input (gate and up, or up alone)."""
+        return (self.up,) if self.gate is None else (self.gate, self.up)
 
     @property
     def width(self) -> int:
@@ -67,13 +75,13 @@ class MLPView:
     @property
     def channel_cost(self) -> int:
         hidden = self.up.in_features
-        cost = 2 * hidden + self.down.out_features
-        cost += sum(1 for lin in (self.gate, self.up) if lin.bias is not None)
+        cost = len(self.inputs) * hidden + self.down.out_features
+        cost += sum(1 for lin in self.inputs if lin.bias is not None)
         return cost
 
     @property
     def num_params(self) -> int:
-        return sum(_linear_params(m) for m in (self.gate, self.up, self.down))
+        return sum(_linear_params(m) for m in (*self.inputs, self.down))
 
 
 @dataclass
@@ -108,9 +116,14 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def layer_container(model: nn.Module) -> nn.Module:
+    """The module whose `.layers` is the decoder ModuleList (model.model, or model.model.decoder)."""
     check_supported(model)
-    return model.model.layers
+    return model.model.decoder if model_family(model) == "opt" else model.model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return layer_container(model).layers
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
@@ -120,11 +133,25 @@ def layer_views(model: nn.Module) -> list[LayerView]:
 
 
 def layer_view(index: int, layer: nn.Module, head_dim: int) -> LayerView:
-    """The view of one decoder layer module (also of a detached copy of one)."""
-    a, m = layer.self_attn, layer.mlp
-    attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+    """The view of one decoder layer module (also of a detached copy of one).
+
+    OPT layers are told apart by their own modules (out_proj, fc1/fc2 on the layer, no `mlp`)."""
+    a = layer.self_attn
+    opt = hasattr(layer, "fc1")
+    attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.out_proj if opt else a.o_proj,
                          getattr(a, "q_norm", None), getattr(a, "k_norm", None), head_dim)
+    if opt:
+        return LayerView(index, layer, attn, MLPView(layer, None, layer.fc1, layer.fc2))
+    m = layer.mlp
     return LayerView(index, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj))
+
+
+def view_linears(view: LayerView) -> dict[str, nn.Linear]:
+    """The layer's projections by engine path ("attn.q" … "mlp.down"; no "mlp.gate" without a gate)."""
+    a, m = view.attn, view.mlp
+    named = {"attn.q": a.q, "attn.k": a.k, "attn.v": a.v, "attn.o": a.o,
+             "mlp.gate": m.gate, "mlp.up": m.up, "mlp.down": m.down}
+    return {k: v for k, v in named.items() if v is not None}
 
 
 def decoder_linear_params(model: nn.Module) -> int:

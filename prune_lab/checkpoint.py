@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .adapter import check_supported, head_dim_of, layer_shapes, layer_views
+from .adapter import (NO_GATE_FAMILIES, check_supported, head_dim_of, layer_shapes, layer_views,
+                      model_family)
 from .errors import CheckpointError, PruneLabError
 from .prune import prune_attention, prune_mlp
 
@@ -65,8 +66,8 @@ def export_config(model: nn.Module, manifest: dict):
     config.architectures = [type(model).__name__]
     config.dtype = next(model.parameters()).dtype
     shapes = manifest["layers"]
-    if any(s != shapes[0] for s in shapes):
-        return config
+    if any(s != shapes[0] for s in shapes) or model_family(model) in NO_GATE_FAMILIES:
+        return config     # (OPT derives head_dim from hidden / heads: its config cannot say pruned heads)
     uniform = {**config.to_dict(), "num_attention_heads": shapes[0]["q_heads"],
                "num_key_value_heads": shapes[0]["kv_heads"],
                "intermediate_size": shapes[0]["mlp_width"], "head_dim": manifest["head_dim"]}

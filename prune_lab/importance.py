@@ -14,7 +14,7 @@ from .scores import UnitScores, add_into, reduce_to_units
 
 def _decoder_linears(views):
     for v in views:
-        yield from (v.attn.q, v.attn.k, v.attn.v, v.attn.o, v.mlp.gate, v.mlp.up, v.mlp.down)
+        yield from (v.attn.q, v.attn.k, v.attn.v, v.attn.o, *v.mlp.inputs, v.mlp.down)
 
 
 def _param(lin, name):

@@ -116,8 +116,17 @@ class RandomModel(HFModel):
     def name(self) -> str:
         return f"random-{self.arch}"
 
+    def config_kwargs(self) -> dict:
+        if self.arch != "opt":
+            return self.shape
+        # OPT: multi-head attention (no KV heads, head_dim = hidden / heads), ffn_dim, biases everywhere
+        s = self.shape
+        return dict(hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+                    num_attention_heads=s["num_attention_heads"], ffn_dim=s["intermediate_size"],
+                    vocab_size=s["vocab_size"], word_embed_proj_dim=s["hidden_size"], enable_bias=True)
+
     def build(self):
-        config = AutoConfig.for_model(self.arch, **self.shape, tie_word_embeddings=False,
+        config = AutoConfig.for_model(self.arch, **self.config_kwargs(), tie_word_embeddings=False,
                                       max_position_embeddings=512)
         config._attn_implementation = self.attn_implementation
         torch.manual_seed(self.seed)

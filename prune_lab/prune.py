@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .adapter import AttentionView, MLPView, layer_views
+from .adapter import AttentionView, MLPView, decoder_layers, layer_container, layer_views
 from .plan import PruningPlan
 
 
@@ -49,10 +49,10 @@ def prune_attention(view: AttentionView, removed_groups: list[int]) -> None:
 
 
 def prune_mlp(view: MLPView, removed_channels: list[int]) -> None:
-    """Remove MLP channels: gate row + up row + down column."""
+    """Remove MLP channels: gate row + up row (or OPT's fc1 row) + down column."""
     keep = _keep(view.width, removed_channels)
-    _slice_linear(view.gate, rows=keep)
-    _slice_linear(view.up, rows=keep)
+    for lin in view.inputs:
+        _slice_linear(lin, rows=keep)
     _slice_linear(view.down, cols=keep)
     if hasattr(view.module, "intermediate_size"):
         view.module.intermediate_size = len(keep)
@@ -62,10 +62,11 @@ def remove_layers(model: nn.Module, removed: list[int]) -> None:
     """Depth pruning: drop whole decoder layers, renumber layer_idx, update the config."""
     if not removed:
         return
-    layers = model.model.layers
+    container = layer_container(model)
+    layers = container.layers
     kept = [i for i in range(len(layers)) if i not in set(removed)]
-    model.model.layers = nn.ModuleList(layers[i] for i in kept)
-    for new_idx, layer in enumerate(model.model.layers):
+    container.layers = nn.ModuleList(layers[i] for i in kept)
+    for new_idx, layer in enumerate(container.layers):
         for mod in (layer, getattr(layer, "self_attn", None)):
             if mod is not None and hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
@@ -82,7 +83,7 @@ def record_manifest(model: nn.Module, plan: PruningPlan) -> None:
     from .adapter import layer_shapes
     previous = sorted((getattr(model.config, "prune_lab", None) or {}).get("removed_layers", []))
     # plan.layers index the model this plan was made for, which may already miss `previous`
-    original_count = len(model.model.layers) + len(plan.layers) + len(previous)
+    original_count = len(decoder_layers(model)) + len(plan.layers) + len(previous)
     surviving = [i for i in range(original_count) if i not in previous]
     removed = sorted(set(previous) | {surviving[i] for i in plan.layers})
     model.config.prune_lab = {"layers": layer_shapes(model), "removed_layers": removed}

@@ -65,8 +65,8 @@ def attention_unit_sum(view: AttentionView, per_weight) -> torch.Tensor:
 
 
 def mlp_unit_sum(view: MLPView, per_weight) -> torch.Tensor:
-    total = per_weight(view.gate, "weight").float().sum(1) + per_weight(view.up, "weight").float().sum(1)
-    for lin in (view.gate, view.up):
+    total = sum(per_weight(lin, "weight").float().sum(1) for lin in view.inputs)
+    for lin in view.inputs:
         if lin.bias is not None:
             total += per_weight(lin, "bias").float()
     return total + per_weight(view.down, "weight").float().sum(0)

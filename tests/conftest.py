@@ -27,8 +27,11 @@ TINY = {
     "mistral": dict(arch="mistral", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
     "qwen2": dict(arch="qwen2", hidden_size=112, num_attention_heads=14, num_key_value_heads=2, head_dim=8),
     "qwen3": dict(arch="qwen3", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+    # OPT: multi-head attention (GQA with G=1), q/k/v/out_proj biases, fc1/fc2 MLP without a gate
+    "opt": dict(arch="opt", hidden_size=64, num_attention_heads=8, num_key_value_heads=8, head_dim=8),
 }
-ARCHS = list(TINY)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]   # the gated-MLP families every suite test covers
+ALL_ARCHS = [*ARCHS, "opt"]                      # + OPT, where the feature supports it
 
 schema.register()
 

@@ -7,21 +7,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
-from conftest import ARCHS, TINY, tiny_model
+from conftest import ALL_ARCHS, TINY, tiny_model
 from prune_lab.adapter import SUPPORTED_FAMILIES, decoder_linear_params, layer_shapes, layer_views
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
 from prune_lab.plan import PruningPlan
 from prune_lab.prune import apply_plan
 
 # arch -> (q/k/v carry a bias, has q_norm/k_norm)
-FEATURES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
+FEATURES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True),
+            "opt": (True, False)}
 
 
 def all_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_views_report_the_architecture(arch):
     model = tiny_model(arch)
     shape = TINY[arch]
@@ -35,7 +36,8 @@ def test_views_report_the_architecture(arch):
         assert a.head_dim == shape["head_dim"]
         assert a.group_size == shape["num_attention_heads"] // shape["num_key_value_heads"]
         assert [lin.bias is not None for lin in (a.q, a.k, a.v)] == [has_bias] * 3
-        assert a.o.bias is None
+        assert (a.o.bias is not None) == (arch == "opt")        # OPT: out_proj has a bias too
+        assert (v.mlp.gate is None) == (arch == "opt")          # OPT: fc1 -> act -> fc2, no gate
         assert (a.q_norm is not None, a.k_norm is not None) == (has_norm, has_norm)
         assert v.mlp.width == 48
         assert v.num_params == a.num_params + v.mlp.num_params
@@ -63,7 +65,7 @@ def test_unsupported_architecture_names_the_supported_families(config):
     assert all(family in message for family in SUPPORTED_FAMILIES)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_unit_costs_equal_the_real_parameter_drop(arch):
     dense = tiny_model(arch)
     view = layer_views(dense)[1]
@@ -77,11 +79,12 @@ def test_unit_costs_equal_the_real_parameter_drop(arch):
         assert plan.params_removed(layer_views(dense)) == cost
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_removing_every_unit_costs_the_whole_projection(arch):
     view = layer_views(tiny_model(arch))[0]
-    assert view.attn.num_kv_heads * view.attn.group_cost == view.attn.num_params
-    assert view.mlp.width * view.mlp.channel_cost == view.mlp.num_params
+    out_bias = [0 if lin.bias is None else lin.bias.numel() for lin in (view.attn.o, view.mlp.down)]
+    assert view.attn.num_kv_heads * view.attn.group_cost + out_bias[0] == view.attn.num_params
+    assert view.mlp.width * view.mlp.channel_cost + out_bias[1] == view.mlp.num_params
 
 
 def test_views_follow_pruned_widths():

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import REPO, tiny_model, tiny_overrides, tokens
+from conftest import ALL_ARCHS, REPO, tiny_model, tiny_overrides, tokens
 from prune_lab import load_pruned
-from prune_lab.adapter import layer_shapes
+from prune_lab.adapter import decoder_layers, layer_shapes
 from prune_lab.checkpoint import save_pruned
 from prune_lab.errors import CheckpointError
 from prune_lab.model import RandomModel
@@ -35,12 +35,13 @@ def saved(model, plan, tmp_path):
     return tmp_path / "ckpt"
 
 
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_reload_is_exact_on_every_arch_with_removed_layer(arch, tmp_path):
     model = tiny_model(arch, layers=4)
     path = saved(model, MIXED, tmp_path)
     reloaded = load_pruned(path)
     assert layer_shapes(reloaded) == layer_shapes(model)
-    assert len(reloaded.model.layers) == 3
+    assert len(decoder_layers(reloaded)) == 3
     assert reloaded.config.prune_lab["removed_layers"] == [1]
     assert torch.equal(logits(reloaded), logits(model))
     # per-layer widths differ, so the top-level config keeps the dense (buildable) head counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from conftest import ARCHS, LAB_MODEL, tiny_model
+from conftest import ALL_ARCHS, LAB_MODEL, tiny_model
 from prune_lab.adapter import layer_views
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
 from prune_lab.model import EmbeddedModel, HFModel
@@ -18,7 +18,7 @@ def test_embedded_lab_llama_loads_offline():
     assert tok.pad_token is not None and len(tok) == 8192
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_local_hf_dir_loads_every_family(arch, tmp_path):
     model = tiny_model(arch)
     model.save_pretrained(tmp_path / arch)

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from conftest import ARCHS, TINY, tiny_model, tokens
-from prune_lab.adapter import decoder_linear_params, layer_views
+from conftest import ALL_ARCHS, TINY, tiny_model, tokens
+from prune_lab.adapter import decoder_layers, decoder_linear_params, layer_views
 from prune_lab.allocator import Global
 from prune_lab.model import RandomModel
 from prune_lab.plan import PruningPlan
@@ -53,7 +53,7 @@ def left_padded(batch: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("plan_kwargs", [MIXED_PLAN, WIDTH_ONLY_PLAN], ids=["with_layer", "widths"])
 def test_pruned_logits_equal_zeroed_dense_logits(arch, impl, plan_kwargs):
     pruned, zeroed, dense = pair(arch, plan_kwargs, impl)
@@ -78,7 +78,7 @@ def test_equivalence_when_several_groups_survive(arch):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_equivalence_with_a_left_padded_batch(arch, impl):
     pruned, zeroed, _ = pair(arch, MIXED_PLAN, impl)
     batch, mask = left_padded(tokens(3, 20, seed=1), pads=[0, 5, 11])
@@ -88,7 +88,7 @@ def test_equivalence_with_a_left_padded_batch(arch, impl):
     assert (a[valid] - b[valid]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_greedy_generate_with_kv_cache_matches_zeroed_dense(arch):
     pruned, zeroed, _ = pair(arch, MIXED_PLAN)
     batch, mask = left_padded(tokens(2, 10, seed=2), pads=[0, 3])
@@ -102,27 +102,28 @@ def test_greedy_generate_with_kv_cache_matches_zeroed_dense(arch):
     assert torch.equal(out_pruned, no_cache)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_shapes_ratio_and_config_after_pruning(arch):
     model = tiny_model(arch, layers=4)
     ratio = layer_views(model)[0].attn.group_size
-    before = list(model.model.layers)
+    before = list(decoder_layers(model))
     plan = PruningPlan(attn={0: [0], 3: [1]}, mlp={2: [1, 2]}, layers=[1])
     apply_plan(model, plan)
     views = layer_views(model)
     assert [v.module for v in views] == [before[0], before[2], before[3]]
     assert [v.attn.group_size for v in views] == [ratio] * 3
-    assert [v.attn.num_kv_heads for v in views] == [1, 2, 1]
+    kv = TINY[arch]["num_key_value_heads"]                 # 2 (GQA) or 8 (OPT: one head per group)
+    assert [v.attn.num_kv_heads for v in views] == [kv - 1, kv, kv - 1]
     assert [v.mlp.width for v in views] == [48, 46, 48]
     assert [v.module.self_attn.layer_idx for v in views] == [0, 1, 2]
     assert model.config.num_hidden_layers == 3
     if getattr(model.config, "layer_types", None) is not None:
         assert len(model.config.layer_types) == 3
     assert model.config.prune_lab["removed_layers"] == [1]
-    assert [s["kv_heads"] for s in model.config.prune_lab["layers"]] == [1, 2, 1]
+    assert [s["kv_heads"] for s in model.config.prune_lab["layers"]] == [kv - 1, kv, kv - 1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_global_plan_that_empties_a_layer_is_equivalent(arch):
     """Global with remove_empty_layers=True removes a layer whose units all score ~0."""
     dense = lively(tiny_model(arch))
@@ -137,7 +138,7 @@ def test_global_plan_that_empties_a_layer_is_equivalent(arch):
     assert plan.layers == [1]
     assert sum(map(len, plan.mlp.values())) == 3
     pruned = apply_plan(copy.deepcopy(dense), plan)
-    assert len(pruned.model.layers) == 2
+    assert len(decoder_layers(pruned)) == 2
     assert max_logit_difference(pruned, dense, plan, tokens(2, 16)) < 1e-5
 
 

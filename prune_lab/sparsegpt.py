@@ -1,0 +1,166 @@
+"""Layer math of the unstructured family: SparseGPT's OBS column sweep fused with GPTQ quantization,
+and the Wanda / magnitude masks (no weight update). Pure tensor code on one weight matrix.
+
+Conventions: W is (rows = output channels, cols = input features); H = 2·X·Xᵀ over the calibration
+tokens (cols × cols); masks are bool with True = weight kept. N:M = N zeros in every M consecutive
+inputs of a row (2:4 → 50%).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import PruneLabError
+from .quant import RowQuantizer, quantize
+
+
+@dataclass
+class SparsitySpec:
+    sparsity: float = 0.0          # unstructured fraction of weights set to 0 (ignored when N:M)
+    prune_n: int = 0               # N:M: N zeros in every M inputs (0 = unstructured)
+    prune_m: int = 0
+
+    def check(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise PruneLabError(f"method.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.prune_n < 0 or self.prune_m < 0 or (self.prune_n > 0) != (self.prune_m > 0):
+            raise PruneLabError(f"N:M needs both method.prune_n and method.prune_m > 0, got "
+                                f"{self.prune_n}:{self.prune_m}")
+        if self.prune_n > self.prune_m:
+            raise PruneLabError(f"N:M needs N <= M, got {self.prune_n}:{self.prune_m}")
+
+    @property
+    def nm(self) -> bool:
+        return self.prune_n > 0
+
+    @property
+    def active(self) -> bool:
+        return self.nm or self.sparsity > 0
+
+    def check_width(self, cols: int, blocksize: int | None = None) -> None:
+        if self.nm and cols % self.prune_m:
+            raise PruneLabError(f"N:M with M={self.prune_m} needs input widths divisible by M, got {cols}")
+        if self.nm and blocksize is not None and blocksize % self.prune_m:
+            raise PruneLabError(f"method.blocksize={blocksize} must be a multiple of M={self.prune_m}")
+
+
+# ---- masks without weight update (baselines) -------------------------------------------------
+def lowest_mask(score: Tensor, fraction: float, dim: int | None) -> Tensor:
+    """Keep-mask removing exactly floor(fraction·n) lowest scores per row (dim=1) or overall (None)."""
+    flat = score if dim is not None else score.reshape(1, -1)
+    k = int(flat.shape[1] * fraction)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, flat.topk(k, dim=1, largest=False).indices, False)
+    return mask.reshape(score.shape)
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """Keep-mask with exactly the n lowest scores of every m consecutive inputs of a row removed."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(2, groups.topk(n, dim=2, largest=False).indices, False)
+    return mask.reshape(rows, cols)
+
+
+def baseline_mask(weight: Tensor, spec: SparsitySpec, input_sq_norm: Tensor | None) -> Tensor:
+    """Magnitude (input_sq_norm None; one threshold per matrix) or Wanda (|W|·‖x‖, per output row)."""
+    score = weight.float().abs()
+    if input_sq_norm is not None:
+        score = score * input_sq_norm.float().sqrt()[None, :]
+    if spec.nm:
+        return nm_mask(score, spec.prune_n, spec.prune_m)
+    return lowest_mask(score, spec.sparsity, dim=1 if input_sq_norm is not None else None)
+
+
+# ---- the OBS / GPTQ sweep ---------------------------------------------------------------------
+def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (λ = damp·mean diag H), and the dead-input mask.
+
+    Inputs that never fire (diag H = 0) get H_ii = 1, so their weights are simply zeroed."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += damp * torch.diag(h).mean()
+    try:
+        chol = torch.linalg.cholesky(h)
+        hinv = torch.cholesky_inverse(chol)
+        upper = torch.linalg.cholesky(hinv, upper=True)
+    except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise PruneLabError(f"the Hessian is not positive definite even with method.damp={damp}: "
+                            f"raise method.damp or the calibration size") from e
+    return upper, dead
+
+
+@torch.no_grad()
+def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize: int = 128,
+              damp: float = 0.01, quantizer: RowQuantizer | None = None,
+              fixed_mask: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+    """SparseGPT (Frantar & Alistarh 2023, Alg. 1) with optional GPTQ quantization in the same sweep.
+
+    Columns are visited left to right in blocks of `blocksize`. At the start of each block the mask of
+    the block is chosen by the OBS saliency w² / [U]_jj² (adaptive mask selection; per M-group for
+    N:M when the sweep reaches the group), each column is then pruned and/or quantized, and its error,
+    divided by U_jj, is spread onto the block's later columns through row j of U (in-block, eagerly)
+    and onto the later blocks once per block (lazy batched update). `fixed_mask` replaces the mask
+    selection (quantize a model pruned elsewhere, keeping its zeros). The loop over the columns of a
+    block is the algorithm's sequential dependency; every step is vectorised over rows.
+
+    Computes in fp32 (fp64 for an fp64 weight). Returns (new weight in the input dtype, keep-mask,
+    OBS loss Σ (w − q)² / U_jj² / 2).
+    """
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w_all = weight.detach().to(work).clone()
+    rows, cols = w_all.shape
+    spec.check_width(cols, blocksize if spec.nm else None)
+    hinv, dead = inverse_hessian_factor(hessian.to(w_all.device), damp)
+    hinv = hinv.to(work)
+    w_all[:, dead] = 0
+    if fixed_mask is not None:
+        w_all[~fixed_mask] = 0
+    mask = torch.ones_like(w_all, dtype=torch.bool)
+    params = quantizer.params(w_all) if quantizer is not None and not quantizer.group_size else None
+    loss = torch.zeros((), dtype=torch.float64, device=w_all.device)
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        w1, hinv1 = w_all[:, b0:b1].clone(), hinv[b0:b1, b0:b1]
+        err1 = torch.zeros_like(w1)
+        d = torch.diag(hinv1)
+        if fixed_mask is not None:
+            mask1 = fixed_mask[:, b0:b1].clone()
+        elif spec.active and not spec.nm:
+            mask1 = lowest_mask(w1.square() / d.square()[None, :], spec.sparsity, dim=None)
+        else:
+            mask1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if spec.nm and fixed_mask is None and i % spec.prune_m == 0:
+                mask1[:, i:i + spec.prune_m] = nm_mask(
+                    w1[:, i:i + spec.prune_m].square() / d[i:i + spec.prune_m].square()[None, :],
+                    spec.prune_n, spec.prune_m)
+            if quantizer is not None and quantizer.group_size and col % quantizer.group_size == 0:
+                ahead = torch.cat([w1[:, i:], w_all[:, b1:]], dim=1)[:, :quantizer.group_size]
+                params = quantizer.params(ahead)
+            w = w1[:, i]
+            q = torch.where(mask1[:, i], w, torch.zeros_like(w))
+            if params is not None:
+                q = quantize(q[:, None], *params).squeeze(1) * mask1[:, i]
+            e = (w - q) / d[i]
+            loss += e.double().square().sum() / 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            w1[:, i] = q
+            err1[:, i] = e
+        w_all[:, b0:b1] = w1
+        mask[:, b0:b1] = mask1
+        w_all[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return w_all.to(weight.dtype), mask, float(loss)
+
+
+def reconstruction_error(w_new: Tensor, w_ref: Tensor, hessian: Tensor) -> float:
+    """‖(W_ref − W_new)·X‖²_F = tr(ΔW·H·ΔWᵀ)/2 with H = 2·X·Xᵀ (the layer-wise objective)."""
+    delta = (w_ref.double() - w_new.double())
+    return float(((delta @ hessian.double()) * delta).sum() / 2)

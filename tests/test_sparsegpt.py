@@ -1,0 +1,193 @@
+"""SparseGPT / GPTQ layer math against slow references, masks, quantizer and the mixed bit allocation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prune_lab.errors import PruneLabError
+from prune_lab.quant import (RowQuantizer, allocate_bits, channel_dimensions, channel_scores,
+                             check_allocation, quantize)
+from prune_lab.sparsegpt import (SparsitySpec, baseline_mask, obs_sweep, reconstruction_error)
+
+
+def layer_problem(rows=16, cols=32, tokens=400, seed=0, dtype=torch.float64):
+    """A weight and a Hessian H = 2XXᵀ of correlated inputs with a few outlier features."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g, dtype=dtype) / cols ** 0.5 + torch.eye(cols, dtype=dtype)
+    x = torch.randn(tokens, cols, generator=g, dtype=dtype) @ mix
+    x[:, :3] *= 6                                                   # outlier features
+    w = torch.randn(rows, cols, generator=g, dtype=dtype)
+    return w, 2 * x.T @ x, x
+
+
+def slow_obs(w, h, spec, blocksize, damp, quantizer=None):
+    """Textbook OBS, column by column with explicit inverses of H restricted to the columns not yet
+    fixed (no Cholesky, no lazy batching): fix column j to q_j (0 if masked, else itself, quantized),
+    move the remaining columns F by −(w_j − q_j)·[H_F⁻¹]_{:,j} / [H_F⁻¹]_jj. Masks are picked per block
+    by the saliency w² / [H_F⁻¹]_jj at the block's start (per M-group when the sweep reaches it)."""
+    w = w.clone()
+    cols = w.shape[1]
+    h = h.clone() + damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    dinv = torch.stack([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(cols)])   # [H_F⁻¹]_jj
+    mask = torch.ones_like(w, dtype=torch.bool)
+    params = quantizer.params(w) if quantizer is not None and not quantizer.group_size else None
+    for j in range(cols):
+        if j % blocksize == 0 and spec.active and not spec.nm:
+            blk = slice(j, j + blocksize)
+            sal = (w[:, blk] ** 2 / dinv[blk]).flatten()
+            k = int(sal.numel() * spec.sparsity)
+            m = torch.ones_like(sal, dtype=torch.bool)
+            m[sal.argsort()[:k]] = False
+            mask[:, blk] = m.reshape(w.shape[0], -1)
+        if spec.nm and j % spec.prune_m == 0:
+            grp = slice(j, j + spec.prune_m)
+            sal = w[:, grp] ** 2 / dinv[grp]
+            for r in range(w.shape[0]):
+                mask[r, j + sal[r].argsort()[:spec.prune_n]] = False
+        if quantizer is not None and quantizer.group_size and j % quantizer.group_size == 0:
+            params = quantizer.params(w[:, j:j + quantizer.group_size])
+        q = torch.where(mask[:, j], w[:, j], torch.zeros_like(w[:, j]))
+        if params is not None:
+            q = quantize(q[:, None], *params).squeeze(1) * mask[:, j]
+        hinv = torch.linalg.inv(h[j:, j:])
+        w[:, j:] -= ((w[:, j] - q) / hinv[0, 0])[:, None] * hinv[0][None, :]
+        w[:, j] = q
+    return w, mask
+
+
+@pytest.mark.parametrize("spec,quant", [
+    (SparsitySpec(sparsity=0.5), None),
+    (SparsitySpec(prune_n=2, prune_m=4), None),
+    (SparsitySpec(sparsity=0.0), RowQuantizer(torch.full((16,), 3), sym=False)),
+    (SparsitySpec(sparsity=0.4), RowQuantizer(torch.arange(16) % 4 + 2, sym=True, group_size=16)),
+])
+def test_obs_sweep_matches_slow_reference(spec, quant):
+    w, h, _ = layer_problem()
+    fast, mask, _ = obs_sweep(w, h, spec, blocksize=8, damp=0.01, quantizer=quant)
+    ref, ref_mask = slow_obs(w, h, spec, blocksize=8, damp=0.01, quantizer=quant)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-8)
+    assert (fast[~mask] == 0).all()
+
+
+def test_nm_masks_exact_in_every_group():
+    w, h, x = layer_problem(rows=12, cols=48)
+    spec = SparsitySpec(prune_n=2, prune_m=4)
+    masks = {"sparsegpt": obs_sweep(w.float(), h, spec, blocksize=16)[1],
+             "wanda": baseline_mask(w, spec, (x ** 2).sum(0)),
+             "magnitude": baseline_mask(w, spec, None)}
+    for name, m in masks.items():
+        zeros = (~m).reshape(12, 12, 4).sum(-1)
+        assert (zeros == 2).all(), name
+    spec36 = SparsitySpec(prune_n=3, prune_m=6)
+    assert ((~baseline_mask(w, spec36, None)).reshape(12, 8, 6).sum(-1) == 3).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.75])
+def test_unstructured_sparsity_equals_target(sparsity):
+    w, h, x = layer_problem(rows=16, cols=64)
+    spec = SparsitySpec(sparsity=sparsity)
+    # granularity: one weight per block of 16x32 (sparsegpt), per row of 64 (wanda), per matrix
+    for m, tol in ((obs_sweep(w, h, spec, blocksize=32)[1], 1 / 512),
+                   (baseline_mask(w, spec, (x ** 2).sum(0)), 1 / 64), (baseline_mask(w, spec, None), 1 / 1024)):
+        assert abs((~m).float().mean().item() - sparsity) <= tol
+    fast = obs_sweep(w, h, spec, blocksize=32)[0]
+    assert abs((fast == 0).double().mean().item() - sparsity) <= 1 / (16 * 32)
+
+
+@pytest.mark.parametrize("spec", [SparsitySpec(sparsity=0.5), SparsitySpec(prune_n=2, prune_m=4)])
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(spec):
+    w, h, x = layer_problem(rows=64, cols=128, tokens=2000, dtype=torch.float32)
+    sgpt, _, _ = obs_sweep(w, h, spec, blocksize=32, damp=0.01)
+    errors = {"sparsegpt": reconstruction_error(sgpt, w, h),
+              "wanda": reconstruction_error(w * baseline_mask(w, spec, (x ** 2).sum(0)), w, h),
+              "magnitude": reconstruction_error(w * baseline_mask(w, spec, None), w, h)}
+    direct = ((x.double() @ (w - sgpt).T.double()) ** 2).sum().item()       # the objective, from the tokens
+    assert errors["sparsegpt"] == pytest.approx(direct, rel=1e-4)
+    assert errors["sparsegpt"] < 0.8 * errors["wanda"] < errors["magnitude"], errors
+
+
+def test_quantized_channels_take_at_most_2_pow_bits_values():
+    w, h, _ = layer_problem(rows=20, cols=64, dtype=torch.float32)
+    bits = torch.tensor([2, 3, 4, 6, 8] * 4)
+    for sym in (True, False):
+        q, mask, _ = obs_sweep(w, h, SparsitySpec(), blocksize=16, quantizer=RowQuantizer(bits, sym))
+        for r in range(20):
+            assert len(torch.unique(q[r])) <= 2 ** bits[r]
+        assert len(torch.unique(q[0])) > 2                  # 2 bits really uses its 4 levels
+    # with sparsity the zeros stay exactly zero and count as one of the levels
+    q, mask, _ = obs_sweep(w, h, SparsitySpec(sparsity=0.5), blocksize=16,
+                           quantizer=RowQuantizer(torch.full((20,), 3), sym=False))
+    assert (q[~mask] == 0).all() and all(len(torch.unique(q[r])) <= 8 for r in range(20))
+
+
+def test_gptq_feedback_beats_round_to_nearest():
+    w, h, _ = layer_problem(rows=32, cols=64, dtype=torch.float32)
+    quant = RowQuantizer(torch.full((32,), 3), sym=True)
+    gptq, _, _ = obs_sweep(w, h, SparsitySpec(), blocksize=16, quantizer=quant)
+    rtn = quantize(w, *quant.params(w))
+    assert reconstruction_error(gptq, w, h) < 0.8 * reconstruction_error(rtn, w, h)
+
+
+def test_budget_hits_the_average_and_favours_important_channels():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(3000, generator=g) ** 3 * 4
+    costs = torch.cat([torch.full((1000,), 256.0), torch.full((1000,), 768.0), torch.full((1000,), 64.0)])
+    for target in (2.0, 3.3, 4.0, 4.6, 5.5, 8.0):
+        bits = allocate_bits(scores, costs, [2, 3, 4, 6, 8], "budget", target)
+        avg = (bits * costs).sum() / costs.sum()
+        assert abs(avg.item() - target) <= 0.01, (target, avg)
+        assert set(bits.tolist()) <= {2, 3, 4, 6, 8}
+        for part in range(3):                 # within channels of equal cost: more score, more bits
+            sl = slice(part * 1000, (part + 1) * 1000)
+            ranked = bits[sl][scores[sl].argsort()]
+            assert (ranked.diff() >= 0).float().mean() > 0.99
+            assert ranked[-100:].float().mean() >= ranked[:100].float().mean()
+    bits = allocate_bits(scores, costs, [2, 3, 4, 6, 8], "budget", 4.0)
+    assert bits[scores.argmax()] > bits[scores.argmin()]
+
+
+def test_quantile_and_threshold3():
+    scores = torch.linspace(0.1, 2.0, 500)
+    bits = allocate_bits(scores, torch.ones(500), [2, 3, 4, 6, 8], "quantile")
+    assert bits.float().mean().item() == pytest.approx(4.6)
+    assert torch.equal(torch.bincount(bits)[[2, 3, 4, 6, 8]], torch.full((5,), 100))
+    assert (bits.diff() >= 0).all()
+    bits3 = allocate_bits(torch.tensor([0.2, 0.49, 0.5, 1.0, 1.2, 1.21, 3.0]), torch.ones(7),
+                          [2, 3, 4, 6, 8], "threshold3")
+    assert bits3.tolist() == [2, 2, 4, 4, 4, 8, 8]
+
+
+def test_channel_scores_are_normalised_and_weighted():
+    w, h, x = layer_problem(rows=10, cols=32, dtype=torch.float32)
+    hinv_diag = torch.diag(torch.linalg.inv(h + 0.01 * torch.diag(h).mean() * torch.eye(32)))
+    dims = channel_dimensions(w, x.abs().mean(0), (x ** 2).mean(0), x.var(0), hinv_diag)
+    assert dims.shape == (10, 5)
+    torch.testing.assert_close(dims.mean(0), torch.ones(5))
+    # output sensitivity is sqrt(Σ W² E[x²]) normalised
+    out = ((w ** 2) @ (x ** 2).mean(0)).sqrt()
+    torch.testing.assert_close(dims[:, 3], out / out.mean())
+    s = channel_scores(dims, torch.tensor([0.25, 0.25, 0.15, 0.25, 0.10]))
+    torch.testing.assert_close(s.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(channel_scores(dims, torch.tensor([0.0, 0, 2, 0, 0])), dims[:, 2])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(bits_options=[2, 4], weights=[1, 1, 1, 1, 1], allocation="budget", target_avg_bits=5.0), "outside"),
+    (dict(bits_options=[2, 4], weights=[1, 1, 1, 1, 1], allocation="budget", target_avg_bits=1.0), "outside"),
+    (dict(bits_options=[2, 4], weights=[0, 0, 0, 0, 0], allocation="quantile", target_avg_bits=None), "sum"),
+    (dict(bits_options=[2, 3], weights=[1, 1, 1, 1, 1], allocation="threshold3", target_avg_bits=None), "threshold3"),
+    (dict(bits_options=[2, 4], weights=[1, 1, 1, 1, 1], allocation="ranked", target_avg_bits=None), "allocation"),
+])
+def test_bad_allocation_config(bad, match):
+    with pytest.raises(PruneLabError, match=match):
+        check_allocation(**bad)
+
+
+@pytest.mark.parametrize("spec,match", [
+    (SparsitySpec(sparsity=1.0), r"\[0, 1\)"), (SparsitySpec(sparsity=-0.1), r"\[0, 1\)"),
+    (SparsitySpec(prune_n=4, prune_m=2), "N <= M"), (SparsitySpec(prune_n=2), "both"),
+])
+def test_bad_sparsity(spec, match):
+    with pytest.raises(PruneLabError, match=match):
+        spec.check()
