@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapter import LayerView, layer_view, layer_views
+from .adapter import LayerView, layer_container, layer_view, layer_views
 from .errors import PruneLabError
 
 PROPAGATE = ("pruned", "dense")
@@ -143,12 +143,13 @@ def split_batch(batch) -> tuple[Tensor, Tensor | None]:
 @torch.no_grad()
 def capture(model: nn.Module, batches, device, store) -> tuple[list, list, list]:
     """Hidden states entering layer 0 (on `store`), per-layer kwargs (per batch) and token masks."""
-    layers = model.model.layers
+    container = layer_container(model)          # model.model (model.model.decoder on OPT)
+    layers = container.layers
     hidden, kwargs, masks = [], [], []
     sink: list = []
     recorders = nn.ModuleList(_Recorder(i, i == len(layers) - 1, getattr(layer, "attention_type", None), sink)
                               for i, layer in enumerate(layers))
-    model.model.layers = recorders
+    container.layers = recorders
     try:
         for batch in batches:
             ids, attn_mask = split_batch(batch)
@@ -163,7 +164,7 @@ def capture(model: nn.Module, batches, device, store) -> tuple[list, list, list]
             kwargs.append([kw for _, kw in sink])
             masks.append(None if attn_mask is None else attn_mask.bool().to(device))
     finally:
-        model.model.layers = layers
+        container.layers = layers
     return hidden, kwargs, masks
 
 
@@ -192,21 +193,22 @@ def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offloa
     device = torch.device(device)
     store = torch.device("cpu") if offload else device
     views = layer_views(model)
-    layers = model.model.layers
+    container = layer_container(model)
+    layers = container.layers
     homes = [next(layer.parameters()).device for layer in layers]
     if offload:
-        layers_saved, model.model.layers = layers, nn.ModuleList()
+        container.layers = nn.ModuleList()
         model.model.to(device)           # embeddings, rotary, final norm only
-        model.model.layers = layers_saved
+        container.layers = layers
     else:
         model.to(device)
     try:
         pruned_in, kwargs, masks = capture(model, batches, device, store)
     finally:
         if offload:
-            layers_saved, model.model.layers = layers, nn.ModuleList()
+            container.layers = nn.ModuleList()
             model.model.to(homes[0])
-            model.model.layers = layers_saved
+            container.layers = layers
     needs_cross = bool(getattr(method, "needs_cross", False)) and propagate == "pruned"
     dense_in = list(pruned_in) if needs_cross else None
     records = []

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_model, tokens
+from conftest import ALL_ARCHS, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.engine import InputStats, walk
 from prune_lab.errors import PruneLabError
@@ -53,11 +53,12 @@ def padded_batches(arch_vocab=8192):
 
 
 def final_logits(model, hidden):
-    return [model.lm_head(model.model.norm(h)) for h in hidden]
+    norm = model.model.decoder.final_layer_norm if model.config.model_type == "opt" else model.model.norm
+    return [model.lm_head(norm(h)) for h in hidden]
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_walking_the_unmodified_model_reproduces_its_logits(arch, impl):
     model = lively(tiny_model(arch, attn_implementation=impl))
     batches = padded_batches()
