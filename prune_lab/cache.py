@@ -1,38 +1,69 @@
-"""What makes a sweep trial cheap: cached importance scores and, within one process, the dense model.
+"""The importance-score cache: content-hash keys, checksummed entries, safe concurrent writers.
 
 Scores depend only on (model weights, criterion config, calibration tokens, seed): the key hashes
-exactly those, so changing the calibration data or the criterion invalidates it by construction.
-They live on disk (safetensors, shared by every process and run) and in memory.
-
-The dense model and its token streams are kept in memory across the jobs of one multirun process
-(the basic launcher and the Optuna sweeper run jobs one after another in-process): each job gets a
-fresh deep copy, because the pipeline prunes its model in place.
+exactly those -- every byte of every weight, so a permuted or retrained model never reuses another
+model's scores. Entries live on disk (safetensors, shared by every process and run) and in memory.
+Each entry carries a checksum of its tensors; a corrupt, truncated or non-finite entry is reported
+as a warning and recomputed. The cache is an optimisation: a directory that cannot be written
+(read-only, full disk) gives a warning and the job goes on without it.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import json
+import logging
+import os
+import uuid
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .data import TokenStreams
 from .scores import UnitScores
 
+log = logging.getLogger("prune_lab")
 _MEMORY: dict[str, dict[str, torch.Tensor]] = {}
+CHECKSUM = "prune_lab_checksum"
+_CHUNK = 1 << 26                 # elements per host copy when hashing a device tensor
+
+
+def new_hash():
+    """xxh3-128 (~10 GB/s; xxhash ships with `datasets`), else sha256 (~0.5 GB/s)."""
+    try:
+        import xxhash
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.sha256()
+
+
+def hash_tensor(h, t: torch.Tensor) -> None:
+    """Feed dtype, shape and the raw bytes of `t` to the hash (no Python loop over elements)."""
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.detach().reshape(-1)
+    for chunk in (flat,) if flat.device.type == "cpu" else flat.split(_CHUNK):
+        h.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = new_hash()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        hash_tensor(h, tensors[name])
+    return h.hexdigest()
 
 
 @torch.no_grad()
 def model_fingerprint(model) -> str:
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name, p in model.named_parameters():   # float64 reductions without a float64 copy of the weights
-        d = p.detach()
-        total, l1 = d.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(d, 1, dtype=torch.float64).item()
-        h.update(f"{name}{tuple(d.shape)}{total:.10e}{l1:.10e}".encode())
-    return h.hexdigest()
+    """Hash of the config and every parameter's and buffer's bytes (names, dtypes, shapes included)."""
+    h = new_hash()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(name.encode())
+        hash_tensor(h, t)
+    return f"{type(h).__name__}:{h.hexdigest()}"
 
 
 def tokens_fingerprint(batches: list[torch.Tensor]) -> str:
@@ -45,7 +76,13 @@ def tokens_fingerprint(batches: list[torch.Tensor]) -> str:
 
 
 def cache_key(**parts) -> str:
+    parts = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+             for k, v in parts.items()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 
 
 class ScoreCache:
@@ -62,19 +99,50 @@ class ScoreCache:
         if not self.enabled:
             return None
         if key not in _MEMORY and self.dir and self._path(key).exists():
-            _MEMORY[key] = load_file(str(self._path(key)))
+            tensors = self._read(self._path(key))
+            if tensors is not None:
+                _MEMORY[key] = tensors
         return _MEMORY.get(key)
+
+    def _read(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """The entry if it is whole (checksum matches) and finite, else None after a warning."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get(CHECKSUM)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            problem = ("it has no checksum" if expected is None else
+                       "its checksum does not match" if tensors_checksum(tensors) != expected else
+                       "it holds NaN/inf" if not all_finite(tensors) else None)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            problem = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if problem is None:
+            return tensors
+        log.warning("score cache entry %s is corrupt or truncated (%s): recomputing", path, problem)
+        return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if not all_finite(tensors):
+            log.warning("scores contain NaN/inf: not caching them")
+            return
         _MEMORY[key] = tensors
         if self.dir:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._path(key).with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(self._path(key))
+            self._write(self._path(key), tensors)
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Unique temp name + atomic rename: concurrent writers of one key never see half a file."""
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata={"format": "pt", CHECKSUM: tensors_checksum(tensors)})
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as e:
+            log.warning("score cache %s is not writable (%s): continuing without caching these scores",
+                        path.parent, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def unit_scores(self, key: str, compute) -> tuple[UnitScores, bool]:
         """compute() -> UnitScores. Returns (scores, reused)."""
@@ -92,58 +160,3 @@ class ScoreCache:
         scores = compute()
         self.put(key, {"layer": scores})
         return scores, False
-
-
-class ContentTokenStreams(TokenStreams):
-    """TokenStreams keyed by the split's text hash, so it also hits for a re-instantiated dataset."""
-
-    def __call__(self, dataset, split: str) -> torch.Tensor:
-        key = (dataset.fingerprint(split), split)
-        if key not in self._cache:
-            self._cache[key] = self.tokenizer(dataset.text(split), return_tensors="pt").input_ids[0].long()
-        return self._cache[key]
-
-
-class DenseModels:
-    """The dense model of the current process, kept on CPU and handed out as a fresh copy per job.
-
-    Holds one model at a time (a sweep over models replaces it rather than piling them up).
-    """
-
-    def __init__(self):
-        self.key: str | None = None
-        self.model = self.tokenizer = self.streams = None
-
-    def load(self, loader, model_cfg: DictConfig | dict, keep: bool):
-        """-> (model, tokenizer, token streams, reused). keep=False loads from disk, keeps nothing."""
-        if not keep:
-            model, tokenizer = loader.load()
-            return model, tokenizer, TokenStreams(tokenizer), False
-        key = cache_key(model=OmegaConf.to_container(model_cfg, resolve=True)
-                        if isinstance(model_cfg, DictConfig) else model_cfg)
-        if key == self.key:
-            return copy.deepcopy(self.model).to(loader.device), self.tokenizer, self.streams, True
-        self.clear()
-        model, tokenizer = loader.load()
-        self.key, self.model, self.tokenizer = key, copy.deepcopy(model).cpu(), tokenizer
-        self.streams = ContentTokenStreams(tokenizer)
-        return model, tokenizer, self.streams, False
-
-    def clear(self) -> None:
-        self.key = None
-        self.model = self.tokenizer = self.streams = None
-
-
-DENSE_MODELS = DenseModels()
-
-
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def load_dense(loader, cfg: DictConfig):
-    """The pipeline's load step: keeps the dense model in memory only within a multirun process."""
-    keep = bool(cfg.cache.enabled and cfg.cache.keep_dense and in_multirun())
-    return DENSE_MODELS.load(loader, cfg.model, keep)

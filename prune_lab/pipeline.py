@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .adapter import decoder_linear_params, layer_shapes, layer_views
-from .cache import ScoreCache, cache_key, load_dense, model_fingerprint, tokens_fingerprint
+from .cache import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
 from .data import load_named
+from .dense import load_dense
 from .errors import PruneLabError
 from .layer_table import layer_table, write_layer_table
 from .prune import apply_plan, max_logit_difference

@@ -1,16 +1,16 @@
-"""Score cache (content-hash keys) and the in-process dense-model cache that make sweep trials cheap."""
+"""Score cache: content-hash keys, checksummed entries, concurrent writers, unwritable dirs, NaN."""
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 
 import pytest
 import torch
 
 from conftest import compose_job, tiny_model, tiny_overrides, write_small_corpus
 from prune_lab import cache
-from prune_lab.cache import ContentTokenStreams, DenseModels, model_fingerprint, tokens_fingerprint
-from prune_lab.data import LocalText
-from prune_lab.model import RandomModel
+from prune_lab.cache import ScoreCache, model_fingerprint, tokens_fingerprint
 from prune_lab.pipeline import run
 
 
@@ -86,33 +86,101 @@ def test_tokens_fingerprint_sees_tokens_and_batching():
     assert tokens_fingerprint(list(tokens.split(2))) != tokens_fingerprint(list(other.split(2)))
 
 
-def test_dense_models_hand_out_fresh_copies_of_the_loaded_weights():
-    loader = RandomModel(num_hidden_layers=2, intermediate_size=32, device="cpu")
-    key = {"arch": "llama", "layers": 2}
-    dense = DenseModels()
-    first, tok1, streams1, reused1 = dense.load(loader, key, keep=True)
-    reference = {k: v.clone() for k, v in first.state_dict().items()}
-    with torch.no_grad():                       # a job prunes / edits its model in place
-        for p in first.parameters():
-            p.mul_(0)
-    second, tok2, streams2, reused2 = dense.load(loader, key, keep=True)
-    assert (reused1, reused2) == (False, True)
-    assert second is not first and tok2 is tok1 and streams2 is streams1
-    state = second.state_dict()
-    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
-    assert second.lm_head.weight.data_ptr() != first.lm_head.weight.data_ptr()
-
-    third, *_, reused3 = dense.load(loader, {"arch": "llama", "layers": 3}, keep=True)   # new key: reload
-    assert reused3 is False and dense.key is not None
-    *_, reused4 = dense.load(loader, key, keep=False)
-    assert reused4 is False
+def permute_mlp(model, layer: int, seed: int = 0) -> None:
+    """Permute one layer's MLP channels: the same function, so every sum and norm is unchanged."""
+    mlp = model.model.layers[layer].mlp
+    perm = torch.randperm(mlp.gate_proj.out_features, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+        mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+        mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
 
 
-def test_content_token_streams_hit_for_a_reinstantiated_dataset(text_files):
-    loader = RandomModel(device="cpu")
-    streams = ContentTokenStreams(loader.load_tokenizer())
-    a = streams(LocalText(train=str(text_files / "train.txt")), "train")
-    b = streams(LocalText(train=str(text_files / "train.txt")), "train")
-    (text_files / "other.txt").write_text("completely different text " * 50, encoding="utf-8")
-    c = streams(LocalText(train=str(text_files / "other.txt")), "train")
-    assert b is a and not torch.equal(a[: len(c)], c)
+def test_model_fingerprint_sees_a_permutation_of_mlp_channels():
+    a, b = tiny_model(), tiny_model()
+    permute_mlp(b, layer=1)
+    x = torch.randint(0, 8192, (1, 8))
+    with torch.no_grad():           # the same function, other weights: scores must not be reused
+        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-5)
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def entry(tmp_path) -> "tuple[ScoreCache, str, dict]":
+    cache._MEMORY.clear()
+    store = ScoreCache(tmp_path / "cache")
+    tensors = {"attn.0": torch.arange(4.0), "mlp.0": torch.linspace(0, 1, 4096)}
+    store.put("k" * 32, tensors)
+    cache._MEMORY.clear()          # what another process sees: the disk entry
+    return store, "k" * 32, tensors
+
+
+@pytest.mark.parametrize("damage", ["flip_a_byte", "truncate", "empty"])
+def test_corrupt_or_truncated_entry_warns_and_is_recomputed(tmp_path, caplog, damage):
+    store, key, tensors = entry(tmp_path)
+    path = store._path(key)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_a_byte":     # inside the tensor data: safetensors itself cannot notice
+        data[-100] ^= 0xFF
+    path.write_bytes(bytes(data[: len(data) // 2]) if damage == "truncate" else
+                     b"" if damage == "empty" else bytes(data))
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="prune_lab"):
+        scores, reused = store.unit_scores(key, lambda: calls.append(1) or cache.UnitScores.from_tensors(tensors))
+    assert (reused, calls) == (False, [1])
+    assert any("corrupt or truncated" in r.getMessage() for r in caplog.records)
+    cache._MEMORY.clear()           # the recomputed entry replaced the bad one
+    assert torch.equal(store.get(key)["mlp.0"], tensors["mlp.0"])
+
+
+def _hammer(directory, barrier, n, tensors):
+    store = ScoreCache(directory)
+    barrier.wait()
+    for _ in range(n):
+        cache._MEMORY.clear()
+        store.put("same" * 8, tensors)
+
+
+def test_concurrent_writers_of_one_key_do_not_crash_each_other(tmp_path):
+    ctx = multiprocessing.get_context("fork")      # forked children: no torch import per process
+    barrier = ctx.Barrier(4)
+    tensors = {f"mlp.{i}": torch.full((8000,), float(i)) for i in range(8)}   # small: no OpenMP in a fork
+    procs = [ctx.Process(target=_hammer, args=(tmp_path, barrier, 25, tensors)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    cache._MEMORY.clear()
+    assert torch.equal(ScoreCache(tmp_path).get("same" * 8)["mlp.7"], tensors["mlp.7"])
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["same" * 8 + ".safetensors"]
+
+
+def test_nan_scores_are_not_cached(tmp_path, caplog):
+    cache._MEMORY.clear()
+    store = ScoreCache(tmp_path)
+    bad = cache.UnitScores([torch.tensor([1.0, float("nan")])], [torch.ones(3)])
+    with caplog.at_level(logging.WARNING, logger="prune_lab"):
+        _, reused = store.unit_scores("n" * 32, lambda: bad)
+    assert reused is False and store.get("n" * 32) is None
+    assert not (tmp_path / "scores").exists() or not any((tmp_path / "scores").iterdir())
+    assert any("NaN" in r.getMessage() for r in caplog.records)
+
+
+def test_unwritable_or_full_cache_dir_warns_and_the_job_finishes(tmp_path, text_files, caplog, monkeypatch):
+    cache._MEMORY.clear()
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache directory should be")
+    with caplog.at_level(logging.WARNING, logger="prune_lab"):
+        run(job(tmp_path, text_files, f"cache.dir={blocker}"), tmp_path / "unwritable")
+    assert json.loads((tmp_path / "unwritable" / "metrics.json").read_text())["status"] == "ok"
+    assert any("not writable" in r.getMessage() for r in caplog.records)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache, "save_file", disk_full)
+    cache._MEMORY.clear()
+    store = ScoreCache(tmp_path / "full")
+    store.put("f" * 32, {"layer": torch.ones(3)})
+    assert list((tmp_path / "full" / "scores").iterdir()) == []     # no temp file left behind
