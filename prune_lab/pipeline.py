@@ -23,6 +23,7 @@ from .prune import apply_plan, max_logit_difference
 from .record import RunRecord
 
 log = logging.getLogger("prune_lab")
+STRUCTURED, NO_QUANT = "prune_lab.method.Structured", "prune_lab.quant.NoQuant"
 
 
 def build(node, **kwargs):
@@ -46,12 +47,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     record = RunRecord(run_dir)
     try:
-        objective = _run(cfg, run_dir, record)
+        objective = _recipe(cfg)(cfg, run_dir, record)
     except BaseException as e:
         record.finish("failed", e)
         raise
     record.finish("ok")
     return objective
+
+
+def _recipe(cfg: DictConfig):
+    """method=structured (default): this module's _run; sparsegpt|wanda|magnitude: unstructured.py."""
+    if cfg.method._target_ == STRUCTURED:
+        if cfg.quant._target_ != NO_QUANT:
+            raise PruneLabError("quant=uniform|mixed needs method=sparsegpt|wanda|magnitude "
+                                "(structured pruning does not quantize)")
+        return _run
+    from .unstructured import run_unstructured
+    return run_unstructured
 
 
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:

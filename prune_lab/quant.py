@@ -101,12 +101,12 @@ def check_allocation(bits_options, weights, allocation: str, target_avg_bits: fl
 
 
 def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,
-                  target_avg_bits: float | None = None, thresholds=(0.5, 1.2)) -> Tensor:
+                  target_avg_bits: float | None = None, thresholds=(0.5, 1.2), power: float = 1.0) -> Tensor:
     """Bits per channel from its score; `costs` = weights per channel (the average is over weights).
 
     quantile: equal shares of the weights per option by score quantile (average = mean of options);
     budget: average exactly target_avg_bits (within one channel's smallest step), more bits for
-    higher scores; threshold3: 2 / 4 / 8 bits below / between / above the two score thresholds.
+    higher scores (minimises Σ score^power · 4^(−bits)); threshold3: 2 / 4 / 8 bits below / between / above the two score thresholds.
     """
     opts = torch.tensor(sorted(options), dtype=torch.float64)
     s, c = scores.double().cpu(), costs.double().cpu()
@@ -121,7 +121,7 @@ def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,
         idx[order] = (share * len(opts)).long().clamp(max=len(opts) - 1)
         bits = opts[idx]
     else:
-        bits = opts[_budget(s.clamp_min(1e-12), c, opts, float(target_avg_bits))]
+        bits = opts[_budget(s.clamp_min(1e-12) ** power, c, opts, float(target_avg_bits))]
     return bits.to(torch.int64)
 
 
@@ -163,3 +163,66 @@ def _budget(s: Tensor, c: Tensor, opts: Tensor, target: float) -> Tensor:
 
 def bit_histogram(bits: Tensor, options) -> dict[str, int]:
     return {str(int(b)): int((bits == b).sum()) for b in sorted(options)}
+
+
+# ---- the quant config group's components ----------------------------------------------------
+class NoQuant:
+    """quant=none: weights stay in the model's float dtype."""
+
+    enabled = False
+
+    def allocate(self, weights: dict, stats: dict, hinv_diags: dict) -> tuple[dict, dict]:
+        return {}, {}
+
+    def quantizer(self, bits: Tensor | None) -> RowQuantizer | None:
+        return None
+
+
+class Uniform(NoQuant):
+    """quant=uniform: one bit width for every output channel (GPTQ when run in the sweep)."""
+
+    enabled = True
+
+    def __init__(self, bits: int = 4, sym: bool = True, group_size: int | None = None,
+                 bits_options=(2, 3, 4, 6, 8)):
+        if bits not in bits_options:
+            raise PruneLabError(f"quant.bits={bits} is not one of quant.bits_options {list(bits_options)}")
+        if group_size is not None and group_size < 1:
+            raise PruneLabError(f"quant.group_size must be a positive number of columns or null, got {group_size}")
+        self.bits, self.sym, self.group_size = bits, sym, group_size
+        self.bits_options = sorted(int(b) for b in bits_options)
+
+    def allocate(self, weights, stats, hinv_diags):
+        return {p: torch.full((w.shape[0],), self.bits, dtype=torch.int64) for p, w in weights.items()}, {}
+
+    def quantizer(self, bits):
+        return RowQuantizer(bits, self.sym, self.group_size)
+
+
+class Mixed(Uniform):
+    """quant=mixed: bits per output channel from its activation-aware score (see allocate_bits).
+
+    The allocation runs over all linears of an engine stage together (their scores are normalised per
+    linear), so `budget` holds per stage and hence for the whole model."""
+
+    def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
+                 allocation: str = "budget", target_avg_bits: float | None = 4.0,
+                 thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None):
+        check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
+        super().__init__(int(min(bits_options)), sym, group_size, bits_options)
+        self.weights = torch.tensor([float(w) for w in weights])
+        self.allocation, self.target_avg_bits = allocation, target_avg_bits
+        self.thresholds = tuple(thresholds)
+
+    def allocate(self, weights, stats, hinv_diags):
+        """(bits per path, score range per path) for the linears of one stage."""
+        scores = {p: channel_scores(channel_dimensions(w, stats[p].mean_abs, stats[p].sum_sq / max(stats[p].count, 1),
+                                                       stats[p].var, hinv_diags[p]), self.weights).cpu()
+                  for p, w in weights.items()}
+        flat = torch.cat(list(scores.values()))
+        costs = torch.cat([torch.full((w.shape[0],), float(w.shape[1])) for w in weights.values()])
+        bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target_avg_bits,
+                             self.thresholds)
+        out = dict(zip(scores, bits.split([len(s) for s in scores.values()])))
+        ranges = {p: (float(s.min()), float(s.max())) for p, s in scores.items()}
+        return out, ranges

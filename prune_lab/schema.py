@@ -152,6 +152,54 @@ class DepthConf(AllocatorConf):
     n_layers: Optional[int] = None
 
 
+# ---- method (structured | sparsegpt | wanda | magnitude) and quant (none | uniform | mixed) ---------
+@dataclass
+class MethodConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class UnstructuredConf(MethodConf):
+    sparsity: float = 0.5                    # fraction of weights zeroed per layer (ignored when N:M)
+    prune_n: int = 0                         # N:M: N zeros in every M consecutive inputs (0 = off)
+    prune_m: int = 0
+    blocksize: int = 128                     # OBS/GPTQ lazy-update block (columns)
+    damp: float = 0.01                       # Hessian damping, fraction of mean diag(H)
+    true_sequential: bool = False            # stages q/k/v, o, gate/up, down instead of one per layer
+
+
+@dataclass
+class QuantConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class UniformQuantConf(QuantConf):
+    _target_: str = "prune_lab.quant.Uniform"
+    bits: int = 4
+    sym: bool = True
+    group_size: Optional[int] = None         # null: one scale per output channel
+    bits_options: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+
+
+@dataclass
+class MixedQuantConf(QuantConf):
+    _target_: str = "prune_lab.quant.Mixed"
+    bits_options: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    weights: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.15, 0.25, 0.10])
+    allocation: str = "budget"               # quantile | budget | threshold3
+    target_avg_bits: Optional[float] = 4.0
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 1.2])
+    sym: bool = True
+    group_size: Optional[int] = None
+
+
+@dataclass
+class EngineConf:
+    offload: bool = False                    # layers stay on CPU, one at a time on the device
+    propagate: str = "pruned"                # next layer's inputs from the modified (pruned) or dense layer
+
+
 # ---- finetune ------------------------------------------------------------------------------
 @dataclass
 class FinetuneConf:
@@ -265,6 +313,9 @@ class JobConf:
     cache: CacheConf = field(default_factory=CacheConf)
     objective: Objective = Objective.ppl     # what the task function returns to a sweeper
     search: SearchConf = field(default_factory=SearchConf)
+    method: MethodConf = MISSING
+    quant: QuantConf = MISSING
+    engine: EngineConf = field(default_factory=EngineConf)
 
 
 SCHEMAS = {
@@ -277,6 +328,8 @@ SCHEMAS = {
                   "depth": DepthConf},
     "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
     "eval": {"base": EvalConf},
+    "method": {"base": MethodConf, "unstructured": UnstructuredConf},
+    "quant": {"base": QuantConf, "uniform": UniformQuantConf, "mixed": MixedQuantConf},
 }
 
 

@@ -99,7 +99,8 @@ def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor
 @torch.no_grad()
 def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize: int = 128,
               damp: float = 0.01, quantizer: RowQuantizer | None = None,
-              fixed_mask: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+              fixed_mask: Tensor | None = None,
+              factor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, float]:
     """SparseGPT (Frantar & Alistarh 2023, Alg. 1) with optional GPTQ quantization in the same sweep.
 
     Columns are visited left to right in blocks of `blocksize`. At the start of each block the mask of
@@ -107,7 +108,8 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
     N:M when the sweep reaches the group), each column is then pruned and/or quantized, and its error,
     divided by U_jj, is spread onto the block's later columns through row j of U (in-block, eagerly)
     and onto the later blocks once per block (lazy batched update). `fixed_mask` replaces the mask
-    selection (quantize a model pruned elsewhere, keeping its zeros). The loop over the columns of a
+    selection (quantize a model pruned elsewhere, keeping its zeros); `factor` is a precomputed
+    inverse_hessian_factor(hessian, damp). The loop over the columns of a
     block is the algorithm's sequential dependency; every step is vectorised over rows.
 
     Computes in fp32 (fp64 for an fp64 weight). Returns (new weight in the input dtype, keep-mask,
@@ -117,7 +119,7 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
     w_all = weight.detach().to(work).clone()
     rows, cols = w_all.shape
     spec.check_width(cols, blocksize if spec.nm else None)
-    hinv, dead = inverse_hessian_factor(hessian.to(w_all.device), damp)
+    hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian.to(w_all.device), damp)
     hinv = hinv.to(work)
     w_all[:, dead] = 0
     if fixed_mask is not None:

@@ -1,0 +1,142 @@
+"""Method family (twin of conf/method/*.yaml).
+
+`structured` (default) is the importance + allocator + executor pipeline. `sparsegpt`, `wanda` and
+`magnitude` are layer methods for the sequential engine (prune_lab/engine.py): they zero individual
+weights (unstructured or N:M) and, with quant=uniform|mixed, quantize every output channel with
+GPTQ error feedback in the same column sweep. SparseGPT updates the remaining weights (OBS); Wanda
+and magnitude only choose the mask.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .adapter import LayerView, view_linears
+from .errors import PruneLabError
+from .quant import NoQuant
+from .sparsegpt import SparsitySpec, baseline_mask, inverse_hessian_factor, obs_sweep
+
+TRUE_SEQUENTIAL = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.gate", "mlp.up"), ("mlp.down",))
+
+
+class Structured:
+    """method=structured: whole GQA groups / MLP channels / layers (importance, allocator, executor)."""
+
+    family = "structured"
+
+
+class Unstructured:
+    """Engine layer method shared by sparsegpt / wanda / magnitude.
+
+    Keeps per linear (layer, path): the keep-mask (when sparse) and the bits per row (when quantized),
+    for recovery with masks kept, statistics and the checkpoint. Records per-linear numbers in the
+    engine's records."""
+
+    family = "unstructured"
+    name = "unstructured"
+    updates_weights = False          # True: OBS update of the remaining weights (SparseGPT)
+
+    def __init__(self, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
+                 damp: float = 0.01, true_sequential: bool = False):
+        self.spec = SparsitySpec(float(sparsity), int(prune_n), int(prune_m))
+        self.spec.check()
+        if blocksize < 1:
+            raise PruneLabError(f"method.blocksize must be >= 1, got {blocksize}")
+        if not damp > 0:
+            raise PruneLabError(f"method.damp must be > 0 (a fraction of the mean Hessian diagonal), got {damp}")
+        self.blocksize, self.damp, self.true_sequential = int(blocksize), float(damp), true_sequential
+        self.quant = NoQuant()
+        self.masks: dict[tuple[int, str], Tensor] = {}
+        self.bits: dict[tuple[int, str], Tensor] = {}
+
+    def with_quant(self, quant) -> "Unstructured":
+        self.quant = quant
+        return self
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.updates_weights or self.quant.enabled
+
+    def stages(self, view: LayerView) -> list[list[str]]:
+        """All linears of a layer from one calibration pass (as SparseGPT / llm-compressor), or the
+        GPTQ true-sequential order (q/k/v, o, gate/up, down) with true_sequential=true."""
+        paths = list(view_linears(view))
+        if not self.true_sequential:
+            return [paths]
+        return [[p for p in group if p in paths] for group in TRUE_SEQUENTIAL if any(p in paths for p in group)]
+
+    @torch.no_grad()
+    def apply(self, index: int, view: LayerView, stats: dict) -> dict:
+        linears = {p: lin for p, lin in view_linears(view).items() if p in stats}
+        weights = {p: lin.weight.data for p, lin in linears.items()}
+        hessians, factors = {}, {}
+        if self.needs_gram:
+            for p, s in stats.items():
+                if s.count == 0:
+                    raise PruneLabError("the calibration set has no (unpadded) tokens: raise calibration.n_samples")
+                hessians[p] = s.gram * (2.0 / s.count)                           # H = 2·X·Xᵀ / n
+                factors[p] = inverse_hessian_factor(hessians[p], self.damp)
+        hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
+        bits, ranges = self.quant.allocate(weights, stats, hinv_diags)
+        record = {}
+        for p, lin in linears.items():
+            w_old = lin.weight.data
+            new, mask = self.sparsify(w_old, stats[p], hessians.get(p), factors.get(p), bits.get(p))
+            if hessians.get(p) is not None:
+                d = (w_old.double() - new.double())
+                h = hessians[p].double()
+                err = float(((d @ h) * d).sum() / ((w_old.double() @ h) * w_old.double()).sum().clamp_min(1e-30))
+            else:
+                err = None
+            lin.weight.data.copy_(new)
+            if self.spec.active:
+                self.masks[(index, p)] = mask.cpu()
+            if p in bits:
+                self.bits[(index, p)] = bits[p].cpu()
+            record[p] = {"rows": w_old.shape[0], "cols": w_old.shape[1],
+                         "sparsity": float(1 - mask.float().mean()) if self.spec.active else 0.0,
+                         "zeros": float((new == 0).float().mean()),
+                         "avg_bits": float(bits[p].float().mean()) if p in bits else None,
+                         "importance_min": ranges.get(p, (None, None))[0],
+                         "importance_max": ranges.get(p, (None, None))[1], "rel_error": err}
+        return record
+
+    def sparsify(self, weight, stats, hessian, factor, bits) -> tuple[Tensor, Tensor]:
+        """(new weight, keep-mask) of one linear: the baseline mask, then GPTQ keeping it if quantized."""
+        mask = baseline_mask(weight, self.spec, self.input_norm(stats)) if self.spec.active else None
+        if hessian is None:
+            return weight * mask, mask
+        new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
+                                 quantizer=self.quant.quantizer(bits), fixed_mask=mask, factor=factor)
+        return new, mask
+
+    def input_norm(self, stats) -> Tensor | None:
+        return None
+
+
+class Magnitude(Unstructured):
+    """|W| with one threshold per matrix (N:M: per group); no weight update."""
+
+    name = "magnitude"
+
+
+class Wanda(Unstructured):
+    """|W|·‖x‖ compared within each output row (Sun et al. 2023); no weight update."""
+
+    name = "wanda"
+
+    def input_norm(self, stats) -> Tensor:
+        return stats.sum_sq
+
+
+class SparseGPT(Unstructured):
+    """OBS with lazy block updates and adaptive per-block masks (Frantar & Alistarh 2023), fused with
+    GPTQ quantization in the same sweep when quant is enabled."""
+
+    name = "sparsegpt"
+    updates_weights = True
+
+    def sparsify(self, weight, stats, hessian, factor, bits):
+        new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
+                                 quantizer=self.quant.quantizer(bits), factor=factor)
+        return new, mask
