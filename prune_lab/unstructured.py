@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .cache import load_dense
+from .dense import load_dense
 from .compression import linear_table, masks_kept, save_compression, summarise, write_tables
 from .data import load_named
 from .engine import PROPAGATE, walk
