@@ -56,7 +56,19 @@ def manifest_of(model: nn.Module) -> dict:
     """Per-layer shapes read off the weights, plus the removed layers the executor recorded."""
     recorded = getattr(model.config, "prune_lab", None) or {}
     return {"format": FORMAT, "head_dim": head_dim_of(model.config),
-            "layers": layer_shapes(model), "removed_layers": list(recorded.get("removed_layers", []))}
+            "layers": layer_shapes(model), "removed_layers": list(recorded.get("removed_layers", [])),
+            "added_biases": added_biases(model)}
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """Linears that carry a bias their architecture does not build (reconstruct=bias adds them)."""
+    names = []
+    for v in layer_views(model):
+        for short, lin, built in (("o_proj", v.attn.o, getattr(model.config, "attention_bias", False)),
+                                  ("down_proj", v.mlp.down, getattr(model.config, "mlp_bias", False))):
+            if lin.bias is not None and not built and short not in names:
+                names.append(short)
+    return names
 
 
 def export_config(model: nn.Module, manifest: dict):
@@ -66,8 +78,11 @@ def export_config(model: nn.Module, manifest: dict):
     config.architectures = [type(model).__name__]
     config.dtype = next(model.parameters()).dtype
     shapes = manifest["layers"]
-    if any(s != shapes[0] for s in shapes) or model_family(model) in NO_GATE_FAMILIES:
-        return config     # (OPT derives head_dim from hidden / heads: its config cannot say pruned heads)
+    if (any(s != shapes[0] for s in shapes) or model_family(model) in NO_GATE_FAMILIES
+            or manifest.get("added_biases")):
+        # OPT derives head_dim from hidden / heads: its config cannot say pruned heads;
+        # o/down biases added by reconstruction are built only by prune_lab's loader
+        return config
     uniform = {**config.to_dict(), "num_attention_heads": shapes[0]["q_heads"],
                "num_key_value_heads": shapes[0]["kv_heads"],
                "intermediate_size": shapes[0]["mlp_width"], "head_dim": manifest["head_dim"]}
@@ -147,6 +162,16 @@ def build_skeleton(config, manifest: dict, dtype, attn_implementation: str) -> n
     return model
 
 
+def add_biases(model: nn.Module, shapes: dict) -> None:
+    """Give the skeleton's o_proj/down_proj the biases the file holds (added by reconstruction)."""
+    from .reconstruct import ensure_bias
+    modules = dict(model.named_modules())
+    for name in shapes:
+        owner = name[: -len(".bias")] if name.endswith(("o_proj.bias", "down_proj.bias")) else None
+        if owner in modules and modules[owner].bias is None:
+            ensure_bias(modules[owner])
+
+
 def check_weights(model: nn.Module, shapes: dict, aliases: dict, where: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shapes) - set(aliases))
@@ -175,6 +200,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise
     except Exception as e:
         raise CheckpointError(f"cannot build the model from {path / CONFIG}: {_first_line(e)}") from e
+    add_biases(model, shapes)
     check_weights(model, shapes, aliases, path / WEIGHTS)
     try:
         state = load_file(str(path / WEIGHTS))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,39 +24,10 @@ from tqdm.auto import tqdm
 
 from .adapter import LayerView, layer_container, layer_view, layer_views
 from .errors import PruneLabError
+from .stats import InputStats, Accumulator, token_rows  # noqa: F401  (InputStats: part of the API)
 
 PROPAGATE = ("pruned", "dense")
 LINEAR_PATHS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-
-
-@dataclass
-class InputStats:
-    """Statistics of one nn.Linear's input features over the calibration tokens (fp32)."""
-
-    sum: Tensor                       # (in,) sum x
-    sum_sq: Tensor                    # (in,) sum x^2
-    abs_sum: Tensor                   # (in,) sum |x|
-    count: int                        # tokens accumulated (padding excluded)
-    gram: Tensor | None = None        # (in, in) sum x~ x~ᵀ on the stream the layer sees
-    cross: Tensor | None = None       # (in, in) sum x x~ᵀ, x on the dense path (== gram on one stream)
-    dense_gram: Tensor | None = None  # (in, in) sum x xᵀ on the dense path (== gram on one stream)
-
-    @property
-    def mean(self) -> Tensor:
-        return self.sum / max(self.count, 1)
-
-    @property
-    def var(self) -> Tensor:
-        """Population variance per feature."""
-        return (self.sum_sq / max(self.count, 1) - self.mean ** 2).clamp_min(0)
-
-    @property
-    def mean_abs(self) -> Tensor:
-        return self.abs_sum / max(self.count, 1)
-
-    @property
-    def sq_norm(self) -> Tensor:
-        return self.sum_sq
 
 
 class LayerMethod(Protocol):
@@ -74,41 +44,6 @@ def linear_at(view: LayerView, path: str) -> nn.Linear:
         raise PruneLabError(f"unknown linear '{path}': use one of {', '.join(LINEAR_PATHS)}")
     part, name = path.split(".")
     return getattr(getattr(view, part), name)
-
-
-class _Accumulator:
-    """Per-linear fp32 accumulators fed by forward hooks; the token mask drops padding."""
-
-    def __init__(self, lin: nn.Linear, gram: bool, cross: bool, device):
-        n = lin.in_features
-        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-        self.sum, self.sum_sq, self.abs_sum, self.count = z(n), z(n), z(n), 0
-        self.gram = z(n, n) if gram or cross else None
-        self.cross = z(n, n) if cross else None
-        self.dense_gram = z(n, n) if cross else None
-        self.dense_x: Tensor | None = None
-
-    def add(self, x: Tensor) -> None:
-        self.sum += x.sum(0)
-        self.sum_sq += x.pow(2).sum(0)
-        self.abs_sum += x.abs().sum(0)
-        self.count += x.shape[0]
-        if self.gram is not None:
-            self.gram.addmm_(x.T, x)
-        if self.cross is not None:
-            d, self.dense_x = self.dense_x, None
-            self.cross.addmm_(d.T, x)
-            self.dense_gram.addmm_(d.T, d)
-
-    def stats(self) -> InputStats:
-        single = self.cross is None
-        return InputStats(self.sum, self.sum_sq, self.abs_sum, self.count, self.gram,
-                          self.gram if single else self.cross, self.gram if single else self.dense_gram)
-
-
-def _tokens(x: Tensor, mask: Tensor | None) -> Tensor:
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    return x if mask is None else x[mask.reshape(-1)]
 
 
 class _StopCapture(Exception):
@@ -222,7 +157,7 @@ def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offloa
         dense_out = None
         stage_records = []
         for stage in method.stages(view):
-            accs = {p: _Accumulator(linear_at(view, p), method.needs_gram, needs_cross, device) for p in stage}
+            accs = {p: Accumulator(linear_at(view, p), method.needs_gram, needs_cross, device) for p in stage}
             outs = _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, device,
                                want_out=dense_out is None and (propagate == "dense" or needs_cross))
             if outs is not None:
@@ -255,7 +190,7 @@ def _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, 
 
     def make_hook(acc):
         def hook(_mod, inputs, _out):
-            x = _tokens(inputs[0], current["mask"])
+            x = token_rows(inputs[0], current["mask"])
             if current["dense"]:
                 acc.dense_x = x
             else:
@@ -285,3 +220,22 @@ def _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, 
             h.remove()
     return outs
 
+
+
+class Engine:
+    """The engine's settings (conf `engine:` node): compute device, offload, propagate, progress bar."""
+
+    def __init__(self, device: str = "auto", offload: bool = False, propagate: str = "pruned",
+                 progress: bool = True):
+        if propagate not in PROPAGATE:
+            raise PruneLabError(f"engine.propagate must be one of {PROPAGATE}, got '{propagate}'")
+        from .model import resolve_device
+        self.device, self.offload = resolve_device(device), offload
+        self.propagate, self.progress = propagate, progress
+
+    def walk(self, model: nn.Module, batches, method: LayerMethod, **kwargs):
+        return walk(model, batches, method, device=self.device, offload=self.offload,
+                    propagate=self.propagate, progress=self.progress, **kwargs)
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "offload": self.offload, "propagate": self.propagate}

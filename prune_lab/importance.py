@@ -142,3 +142,47 @@ class Wanda(Importance):
                 return p * torch.sqrt(torch.tensor(float(sum(b.numel() for b in batches))))
             return p * norms[lin]
         return reduce_to_units(views, per_weight)
+
+
+class _Fluctuation:
+    """Engine method: one stage with the two consumers; keeps their input stats, changes nothing."""
+
+    needs_gram = False
+
+    def __init__(self):
+        self.stats: dict[int, dict] = {}
+
+    def stages(self, view):
+        return [["attn.o", "mlp.down"]]
+
+    def apply(self, index, view, stats):
+        self.stats[index] = stats
+        return {}
+
+
+class Flap(Importance):
+    """FLAP's fluctuation: per input feature of o_proj/down_proj, var(x) · ||W[:, j]||² (the output
+    variance the unit carries, which a bias cannot restore), summed over a GQA group's G·head_dim
+    columns. Computed in the layer-sequential engine without gradients (dense path)."""
+
+    name = "flap"
+
+    def __init__(self, engine=None):
+        self.engine = engine
+
+    @torch.no_grad()
+    def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
+        from .engine import walk
+        method = _Fluctuation()
+        if self.engine is None:
+            walk(model, batches, method, device=model.device, propagate="dense")
+        else:
+            walk(model, batches, method, device=self.engine.device, offload=self.engine.offload,
+                 propagate="dense", progress=self.engine.progress)
+        attn, mlp = [], []
+        for v in layer_views(model):
+            s = method.stats[v.index]
+            o = s["attn.o"].var * v.attn.o.weight.float().pow(2).sum(0)
+            attn.append(o.reshape(v.attn.num_kv_heads, -1).sum(1).cpu())
+            mlp.append((s["mlp.down"].var * v.mlp.down.weight.float().pow(2).sum(0)).cpu())
+        return UnitScores(attn, mlp)

@@ -20,6 +20,7 @@ from .dense import load_dense
 from .errors import PruneLabError
 from .layer_table import layer_table, write_layer_table
 from .prune import apply_plan, max_logit_difference
+from .reconstruct import summarize, write_errors
 from .record import RunRecord
 
 log = logging.getLogger("prune_lab")
@@ -75,6 +76,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     importance = build(cfg.importance)
     layer_importance = build(cfg.layer_importance) if cfg.layer_importance else None
     allocator = build(cfg.allocator)
+    reconstructor, engine = build(cfg.reconstruct), build(cfg.engine)
     finetuner = build(cfg.finetune)
     evaluator = build(cfg.eval, _convert_="all")
     cache = ScoreCache(cfg.cache.dir, enabled=cfg.cache.enabled)
@@ -89,6 +91,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
         torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
+    reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
 
     if evaluator.before:
         with record.stage("eval_dense"):
@@ -127,6 +130,13 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
              record["plan"]["groups_removed"], record["plan"]["channels_removed"],
              record["plan"]["layers_removed"], record["plan"]["params_removed"],
              100 * record["plan"]["achieved_ratio"])
+
+    if reconstructor.enabled:
+        with record.stage("reconstruct"):
+            plan, rows = reconstructor(model, plan, batches, engine)
+            plan.save(run_dir / "plan.csv")      # the units actually removed (obs chooses them)
+        record["reconstruct"] = {"mode": reconstructor.mode, **engine.describe(), **summarize(rows)}
+        write_errors(run_dir, rows, cfg.output.plots)
 
     with record.stage("prune"):
         dense_copy = copy.deepcopy(model) if cfg.verify else None

@@ -114,6 +114,12 @@ class TaylorConf(ImportanceConf):
 
 
 @dataclass
+class FlapConf(ImportanceConf):
+    _target_: str = "prune_lab.importance.Flap"
+    engine: Any = "${engine}"                # runs in the engine with the job's engine settings
+
+
+@dataclass
 class LayerImportanceConf:
     _target_: str = MISSING
 
@@ -194,12 +200,6 @@ class MixedQuantConf(QuantConf):
     group_size: Optional[int] = None
 
 
-@dataclass
-class EngineConf:
-    offload: bool = False                    # layers stay on CPU, one at a time on the device
-    propagate: str = "pruned"                # next layer's inputs from the modified (pruned) or dense layer
-
-
 # ---- finetune ------------------------------------------------------------------------------
 @dataclass
 class FinetuneConf:
@@ -233,6 +233,25 @@ class LoraConf(TrainConf):
 class FullConf(TrainConf):
     _target_: str = "prune_lab.finetune.Full"
     lr: float = 5e-5
+
+
+# ---- reconstruct / engine ---------------------------------------------------------------------
+@dataclass
+class ReconstructConf:
+    _target_: str = "prune_lab.reconstruct.Reconstruct"
+    mode: str = "none"                       # none | bias | lstsq | obs
+    damp: float = 0.01                       # Gram damping, relative to mean(diag)
+    fit_bias: bool = False                   # lstsq/obs: affine fit (adds a bias to o_proj/down_proj)
+    obs_chunk: int = 0                       # obs: units removed per greedy step (0 = count/64)
+
+
+@dataclass
+class EngineConf:
+    _target_: str = "prune_lab.engine.Engine"
+    device: str = "auto"                     # compute device of the layer being calibrated
+    offload: bool = False                    # keep the other layers and the activations on CPU
+    propagate: str = "pruned"                # next layer's inputs from the pruned | dense layer
+    progress: bool = True
 
 
 # ---- eval ----------------------------------------------------------------------------------
@@ -307,6 +326,8 @@ class JobConf:
     importance: ImportanceConf = MISSING
     layer_importance: Optional[LayerImportanceConf] = None
     allocator: AllocatorConf = MISSING
+    reconstruct: ReconstructConf = MISSING
+    engine: EngineConf = field(default_factory=EngineConf)
     finetune: FinetuneConf = MISSING
     eval: EvalConf = MISSING
     output: OutputConf = field(default_factory=OutputConf)
@@ -315,17 +336,17 @@ class JobConf:
     search: SearchConf = field(default_factory=SearchConf)
     method: MethodConf = MISSING
     quant: QuantConf = MISSING
-    engine: EngineConf = field(default_factory=EngineConf)
 
 
 SCHEMAS = {
     "model": {"embedded": EmbeddedModelConf, "hf": HFModelConf, "pruned": PrunedModelConf,
               "random": RandomModelConf},
     "data": {"wiki_vital": WikiVitalConf, "hub": HubTextConf, "text": LocalTextConf},
-    "importance": {"base": ImportanceConf, "taylor": TaylorConf},
+    "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf},
     "layer_importance": {"base": LayerImportanceConf},
     "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
                   "depth": DepthConf},
+    "reconstruct": {"base": ReconstructConf},
     "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
     "eval": {"base": EvalConf},
     "method": {"base": MethodConf, "unstructured": UnstructuredConf},
