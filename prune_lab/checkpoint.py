@@ -63,6 +63,8 @@ def manifest_of(model: nn.Module) -> dict:
 def added_biases(model: nn.Module) -> list[str]:
     """Linears that carry a bias their architecture does not build (reconstruct=bias adds them)."""
     names = []
+    if model_family(model) in NO_GATE_FAMILIES:    # OPT builds biases everywhere
+        return names
     for v in layer_views(model):
         for short, lin, built in (("o_proj", v.attn.o, getattr(model.config, "attention_bias", False)),
                                   ("down_proj", v.mlp.down, getattr(model.config, "mlp_bias", False))):
