@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapter import (NO_GATE_FAMILIES, check_supported, head_dim_of, layer_shapes, layer_views,
                       model_family)
+from .atomic import atomic_dir
 from .errors import CheckpointError, PruneLabError
 from .prune import prune_attention, prune_mlp
 
@@ -95,18 +96,24 @@ def export_config(model: nn.Module, manifest: dict):
 
 
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Write model.safetensors, config.json (with `prune_lab` manifest) and the tokenizer."""
+    """Write model.safetensors, config.json (with `prune_lab` manifest) and the tokenizer.
+
+    Written into a temporary sibling that is renamed to `path` when complete (replacing an older
+    checkpoint there), so a kill or a full disk never leaves a half-written checkpoint.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
+        raise CheckpointError(f"'{path}' exists and is not a checkpoint: refusing to replace it")
     manifest = manifest_of(model)
     tensors, aliases = unique_state_dict(model)
-    save_file(tensors, str(path / WEIGHTS),
-              metadata={"format": "pt", "prune_lab_aliases": json.dumps(aliases)})
-    export_config(model, manifest).save_pretrained(path)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "prune_lab_aliases": json.dumps(aliases)})
+        export_config(model, manifest).save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 

@@ -19,3 +19,12 @@ class BudgetError(PruneLabError):
 
 class CheckpointError(PruneLabError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM) raised in the main thread, so the job ends as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        import signal
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

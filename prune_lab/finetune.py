@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path, write_text_atomic
 from .errors import PruneLabError
 
 
@@ -66,7 +67,7 @@ class LossCurve:
     def save(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         lines = ["step,loss,lr"] + [f"{s},{loss:.6f},{lr:.6g}" for s, loss, lr in self.rows]
-        (run_dir / "loss.csv").write_text("\n".join(lines) + "\n")
+        write_text_atomic(run_dir / "loss.csv", "\n".join(lines) + "\n")
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -80,7 +81,8 @@ class LossCurve:
         ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Recovery fine-tuning")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=120)
+        with atomic_path(run_dir / "loss.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from .adapter import LayerView
+from .atomic import atomic_path, write_text_atomic
 from .plan import PruningPlan
 
 
@@ -43,8 +44,9 @@ def layer_table(views: list[LayerView], plan: PruningPlan | None = None,
 
 def write_layer_table(run_dir: str | Path, df: pd.DataFrame, criterion: str | None = None) -> None:
     run_dir = Path(run_dir)
-    df.to_csv(run_dir / "layers.csv", index=False)
+    with atomic_path(run_dir / "layers.csv") as tmp:
+        df.to_csv(tmp, index=False)
     doc = {"layer_importance_criterion": criterion,
            "layer_importance": df["importance"].tolist() if "importance" in df else None,
            "layers": json.loads(df.to_json(orient="records"))}
-    (run_dir / "layers.json").write_text(json.dumps(doc, indent=2))
+    write_text_atomic(run_dir / "layers.json", json.dumps(doc, indent=2))

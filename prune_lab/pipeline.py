@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .adapter import decoder_linear_params, layer_shapes, layer_views
+from .atomic import atomic_path
 from .cache import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
 from .data import load_named
 from .dense import load_dense
@@ -44,13 +45,13 @@ def model_stats(model) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Run one job; metrics.json says running -> ok | failed. Returns the objective (PPL)."""
+    """Run one job; metrics.json says running -> ok | failed | interrupted. Returns the objective (PPL)."""
     run_dir = Path(run_dir)
     record = RunRecord(run_dir)
     try:
         objective = _recipe(cfg)(cfg, run_dir, record)
     except BaseException as e:
-        record.finish("failed", e)
+        record.fail(e)
         raise
     record.finish("ok")
     return objective
@@ -122,7 +123,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         plan = allocator(scores, views, layer_scores)
         plan.save(run_dir / "plan.csv")
         if getattr(allocator, "table", None) is not None:
-            allocator.table.to_csv(run_dir / "unit_table.csv", index=False)
+            with atomic_path(run_dir / "unit_table.csv") as tmp:
+                allocator.table.to_csv(tmp, index=False)
         write_layer_table(run_dir, layer_table(views, plan, layer_scores),
                           layer_importance.name if layer_importance else None)
     record["plan"] = plan.summary(views)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .adapter import LayerView
+from .atomic import atomic_path
 from .errors import PruneLabError
 
 UNIT_TYPES = ("attn_group", "mlp_channel", "layer")
@@ -77,12 +78,9 @@ class PruningPlan:
     def save(self, path: str | Path) -> None:
         df = self.to_frame()
         df.attrs = {}
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.write(f"# target_params={self.target_params}\n")
             df.to_csv(f, index=False)
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PruningPlan":

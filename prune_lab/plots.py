@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .atomic import atomic_path
+
 KEPT, PRUNED, LAYER_GONE = "#2b6cb0", "#ed8936", "#e53e3e"
 DPI = 120
 
@@ -23,7 +25,9 @@ def new_figure(width: float, height: float, rows: int = 1) -> tuple[Figure, list
 
 
 def save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or None)
     return path
 
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import AttentionView, LayerView, MLPView
+from .atomic import atomic_path
 from .errors import PruneLabError
 
 
@@ -39,7 +40,8 @@ class UnitScores:
         return cls([t[f"attn.{i}"] for i in range(n)], [t[f"mlp.{i}"] for i in range(n)])
 
     def save(self, path: str | Path) -> None:
-        save_file(self.to_tensors(), str(path))
+        with atomic_path(path) as tmp:
+            save_file(self.to_tensors(), str(tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> "UnitScores":

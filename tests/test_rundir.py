@@ -1,0 +1,190 @@
+"""Run dirs that never lie: one dir per job, SIGTERM recorded, dead runs shown dead, atomic artefacts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose_job, tiny_overrides, write_small_corpus
+from prune_lab import record as record_module
+from prune_lab.atomic import atomic_path
+from prune_lab.errors import PruneLabError
+from prune_lab.pipeline import run
+from prune_lab.report import gather
+from prune_lab.rundir import RunLock, this_process
+
+FROZEN_CLOCK = '''
+import datetime
+import hydra._internal.hydra as _hydra
+from omegaconf import OmegaConf
+_setup = _hydra.setup_globals
+def _frozen_setup():          # Hydra's ${now:...} reads a clock stopped at 2031-01-02 03:04:05
+    _setup()
+    OmegaConf.register_new_resolver("now", datetime.datetime(2031, 1, 2, 3, 4, 5).strftime,
+                                    use_cache=True, replace=True)
+_hydra.setup_globals = _frozen_setup
+'''
+
+
+def launch(cwd: Path, *overrides: str, frozen: bool = False) -> subprocess.Popen:
+    """`python -m prune_lab` in cwd (run dirs land under cwd/outputs), optionally with a frozen clock."""
+    paths = [str(REPO)]
+    if frozen:
+        (cwd / "clock").mkdir(exist_ok=True)
+        (cwd / "clock" / "sitecustomize.py").write_text(FROZEN_CLOCK)
+        paths.insert(0, str(cwd / "clock"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "prune_lab", *overrides], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def small_job(tmp_path) -> list[str]:
+    corpus = write_small_corpus(tmp_path)
+    return [*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
+            f"data.test={corpus}/test.txt", "output.plots=false"]
+
+
+def test_two_jobs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
+    procs = [launch(tmp_path, *small_job(tmp_path), f"seed={seed}", frozen=True) for seed in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    dirs = sorted((tmp_path / "outputs" / "2031-01-02").iterdir())
+    assert [d.name for d in dirs] == ["03-04-05", "03-04-05_1"]
+    seeds = set()
+    for d in dirs:                       # each dir holds one job's overrides and that job's results
+        overrides = (d / ".hydra" / "overrides.yaml").read_text()
+        seed = int(overrides.split("seed=")[1].split()[0].strip("'\""))
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["status"] == "ok" and metrics["process"]["pid"] in {p.pid for p in procs}
+        seeds.add(seed)
+    assert seeds == {1, 2}
+
+
+def test_a_run_dir_owned_by_a_live_job_is_refused(tmp_path):
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    lock = RunLock(owned)
+    lock.acquire(this_process())
+    try:
+        with pytest.raises(PruneLabError, match="belongs to a live job"):
+            run(compose_job(*tiny_overrides("llama", tmp_path)), owned)
+        proc = launch(tmp_path, *tiny_overrides("llama", tmp_path), f"hydra.run.dir={owned}")
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2
+        assert [line for line in err.splitlines() if "error" in line] == [
+            f"prune_lab: error: run dir {owned} belongs to a live job (pid {os.getpid()} on "
+            f"{this_process()['host']}, started {lock_started(owned)}): give this job another hydra.run.dir"]
+        assert sorted(p.name for p in owned.iterdir()) == [".lock"]     # Hydra wrote nothing there
+    finally:
+        lock.release()
+
+
+def lock_started(run_dir: Path) -> str:
+    return (run_dir / ".lock").read_text().strip().split("started ")[1]
+
+
+def wait_for_stage(run_dir: Path, stage: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if json.loads((run_dir / "metrics.json").read_text()).get("stage") == stage:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} never reached stage {stage}")
+
+
+def test_sigterm_is_recorded_and_a_killed_run_reads_as_dead(tmp_path):
+    corpus = write_small_corpus(tmp_path)
+    (corpus / "long.txt").write_text((corpus / "test.txt").read_text() * 40)    # a long evaluation
+    job = [*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
+           f"data.test={corpus}/long.txt", "eval.ppl.max_windows=null", "eval.ppl.batch_size=1",
+           "output.plots=false"]
+    procs = {name: launch(tmp_path, *job, f"hydra.run.dir={tmp_path}/{name}") for name in ("term", "kill")}
+    for name, proc in procs.items():
+        wait_for_stage(tmp_path / name, "evaluate", proc)
+    live = gather([tmp_path]).set_index("run")["status"].to_dict()
+    assert live == {"term": "running", "kill": "running"}
+
+    procs["term"].send_signal(signal.SIGTERM)
+    procs["kill"].send_signal(signal.SIGKILL)
+    _, err = procs["term"].communicate(timeout=60)
+    procs["kill"].wait(timeout=60)
+    assert procs["term"].returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "prune_lab: interrupted by SIGTERM" in err
+    term = json.loads((tmp_path / "term" / "metrics.json").read_text())
+    assert (term["status"], term["signal"], term["stage"]) == ("interrupted", "SIGTERM", "evaluate")
+    killed = json.loads((tmp_path / "kill" / "metrics.json").read_text())
+    assert killed["status"] == "running" and killed["process"]["pid"] == procs["kill"].pid
+
+    table = gather([tmp_path]).set_index("run")
+    assert table.loc["term", "status"] == "interrupted"
+    assert table.loc["kill", "status"] == "dead"
+    assert f"process {procs['kill'].pid}" in table.loc["kill", "error"]
+
+
+def test_a_full_disk_when_recording_the_end_still_marks_the_run_failed(tmp_path, monkeypatch):
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+    cfg = compose_job(*tiny_overrides("llama", tmp_path), "allocator.ratio=1.5")
+    original = record_module.write_json_atomic
+    monkeypatch.setattr(record_module, "write_json_atomic",
+                        lambda p, d: disk_full(p, d) if d["status"] != "running" else original(p, d))
+    with pytest.raises(PruneLabError):
+        run(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "ratio" in metrics["error"]
+    assert "No space left" in metrics["record_error"]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def half_then_full(*args, **kwargs):
+    """A writer that gets half way, then the disk is full."""
+    target = args[1] if len(args) > 1 else kwargs.get("filename") or kwargs.get("path_or_buf")
+    if hasattr(target, "write"):
+        target.write("half")
+    else:
+        Path(target).write_bytes(b"half")
+    raise OSError(28, "No space left on device")
+
+
+def visible_and_temp(run_dir: Path) -> tuple[set, list]:
+    names = {p.name for p in run_dir.iterdir()}
+    return names, [n for n in names if ".tmp-" in n or n.endswith(".tmp")]
+
+
+def test_no_half_written_model_dir_after_a_full_disk(tmp_path, monkeypatch):
+    from prune_lab import checkpoint
+    monkeypatch.setattr(checkpoint, "save_file", half_then_full)
+    cfg = compose_job(*small_job(tmp_path), "output.save_model=true")
+    with pytest.raises(OSError):
+        run(cfg, tmp_path / "run")
+    names, temps = visible_and_temp(tmp_path / "run")
+    assert "model" not in names and temps == []
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_no_half_written_tables_or_plots_after_a_full_disk(tmp_path, monkeypatch):
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from prune_lab.plan import PruningPlan
+    from prune_lab.plots import save
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, *a, **k: half_then_full(self, *a, **k))
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: half_then_full(self, *a, **k))
+    with pytest.raises(OSError):
+        PruningPlan({0: [1]}, {}, [], 10).save(tmp_path / "plan.csv")
+    with pytest.raises(OSError):
+        save(Figure(), tmp_path / "kept_units.png")
+    with pytest.raises(OSError), atomic_path(tmp_path / "unit_table.csv") as tmp:
+        pd.DataFrame({"a": [1]}).to_csv(tmp)
+    assert list(tmp_path.iterdir()) == []
