@@ -1,9 +1,8 @@
 """`python -m prune_lab.report <dir>...`: every run's metrics and overrides in one table.
 
-Walks the dirs for run dirs (metrics.json, or a .hydra/ without one: status missing; a run whose
-metrics.json says running but whose process is gone: status dead), writes
-report.csv + report.md into the first dir (or --out) and prints the Markdown. For sweeps it also
-plots the perplexity against each swept override (or --plot KNOB), and the Pareto front of
+Walks the dirs for run dirs (metrics.json, or .hydra/ alone: missing; running, process gone: dead),
+writes report.csv + report.md into the first dir (or --out) and prints the Markdown. For sweeps it
+also plots the perplexity against each swept override (or --plot KNOB), and the Pareto front of
 --pareto X Y (default params vs perplexity when the dir holds a multi-objective Optuna study).
 """
 from __future__ import annotations
@@ -18,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .atomic import atomic_path, write_text_atomic
+from .atomic import write_text_atomic
 from .errors import PruneLabError
-from .rundir import is_dead
+from .rundir import dead_fields
 
 FIRST_COLUMNS = ["run", "status"]
 SUMMARY_METRICS = ["params", "achieved_ratio", "layers_removed", "zeroshot/avg_acc", "time/total"]
@@ -79,21 +78,11 @@ def run_row(run_dir: Path, root: Path) -> dict:
     else:
         try:
             metrics = json.loads(path.read_text())
-            if is_dead(run_dir, metrics):
-                metrics = json.loads(path.read_text())   # it may have ended meanwhile
-            metrics_part = metrics_row(metrics)
-            if is_dead(run_dir, metrics):
-                metrics_part.update(status="dead", error=dead_message(metrics))
+            metrics_part = metrics_row(metrics) | dead_fields(run_dir, metrics)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             metrics_part = {"status": "unreadable", "error": f"metrics.json: {e}"}
     name = str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir)
     return {"run": name if name != "." else run_dir.name, **read_overrides(run_dir), **metrics_part}
-
-
-def dead_message(metrics: dict) -> str:
-    owner = metrics.get("process") or {}
-    return (f"process {owner.get('pid')} on {owner.get('host')} ended during stage "
-            f"{metrics.get('stage')} without recording a status (kill -9, OOM, power loss?)")
 
 
 class ComposedConfig:
@@ -227,8 +216,7 @@ def report(dirs: list[str], out: str | None = None, sort: str | None = None, des
         frame = frame.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
     out_dir = Path(out) if out else roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "report.csv") as tmp:
-        frame.to_csv(tmp, index=False)
+    write_text_atomic(out_dir / "report.csv", frame.to_csv(index=False))
     common = common_overrides(frame)
     markdown = to_markdown(frame[summary_columns(frame)])
     markdown = f"Common overrides: `{common}`\n\n{markdown}" if common else markdown

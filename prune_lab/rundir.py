@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -134,6 +135,18 @@ def is_dead(run_dir: str | Path, metrics: dict) -> bool:
     owner = metrics.get("process") or {}          # no lock file: a run of an older version
     return bool(owner.get("pid")) and owner.get("host") == socket.gethostname() and \
         not pid_alive(int(owner["pid"]))
+
+
+def dead_fields(run_dir: str | Path, metrics: dict) -> dict:
+    """{status: dead, error: ...} for a dead run (re-read first: it may have ended meanwhile), else {}."""
+    if not is_dead(run_dir, metrics):
+        return {}
+    if json.loads((Path(run_dir) / "metrics.json").read_text()).get("status") != "running":
+        return {}
+    owner = metrics.get("process") or {}
+    return {"status": "dead",
+            "error": f"process {owner.get('pid')} on {owner.get('host')} ended during stage "
+                     f"{metrics.get('stage')} without recording a status (kill -9, OOM, power loss?)"}
 
 
 class RunDirGuard(Callback):
