@@ -107,7 +107,8 @@ class Unstructured:
         if hessian is None:
             return weight * mask, mask
         new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
-                                 quantizer=self.quant.quantizer(bits), fixed_mask=mask, factor=factor)
+                                 quantizer=self.quant.quantizer(bits), fixed_mask=mask, factor=factor,
+                                 act_order=self.quant.act_order)
         return new, mask
 
     def input_norm(self, stats) -> Tensor | None:
@@ -138,5 +139,6 @@ class SparseGPT(Unstructured):
 
     def sparsify(self, weight, stats, hessian, factor, bits):
         new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
-                                 quantizer=self.quant.quantizer(bits), factor=factor)
+                                 quantizer=self.quant.quantizer(bits), factor=factor,
+                                 act_order=self.quant.act_order)
         return new, mask

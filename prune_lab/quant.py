@@ -170,6 +170,7 @@ class NoQuant:
     """quant=none: weights stay in the model's float dtype."""
 
     enabled = False
+    act_order = False
 
     def allocate(self, weights: dict, stats: dict, hinv_diags: dict) -> tuple[dict, dict]:
         return {}, {}
@@ -184,12 +185,12 @@ class Uniform(NoQuant):
     enabled = True
 
     def __init__(self, bits: int = 4, sym: bool = True, group_size: int | None = None,
-                 bits_options=(2, 3, 4, 6, 8)):
+                 bits_options=(2, 3, 4, 6, 8), act_order: bool = False):
         if bits not in bits_options:
             raise PruneLabError(f"quant.bits={bits} is not one of quant.bits_options {list(bits_options)}")
         if group_size is not None and group_size < 1:
             raise PruneLabError(f"quant.group_size must be a positive number of columns or null, got {group_size}")
-        self.bits, self.sym, self.group_size = bits, sym, group_size
+        self.bits, self.sym, self.group_size, self.act_order = bits, sym, group_size, act_order
         self.bits_options = sorted(int(b) for b in bits_options)
 
     def allocate(self, weights, stats, hinv_diags):
@@ -207,12 +208,13 @@ class Mixed(Uniform):
 
     def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
                  allocation: str = "budget", target_avg_bits: float | None = 4.0,
-                 thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None):
+                 thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
+                 act_order: bool = False, score_power: float = 2.0):
         check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
-        super().__init__(int(min(bits_options)), sym, group_size, bits_options)
+        super().__init__(int(min(bits_options)), sym, group_size, bits_options, act_order)
         self.weights = torch.tensor([float(w) for w in weights])
         self.allocation, self.target_avg_bits = allocation, target_avg_bits
-        self.thresholds = tuple(thresholds)
+        self.thresholds, self.score_power = tuple(thresholds), float(score_power)
 
     def allocate(self, weights, stats, hinv_diags):
         """(bits per path, score range per path) for the linears of one stage."""
@@ -222,7 +224,7 @@ class Mixed(Uniform):
         flat = torch.cat(list(scores.values()))
         costs = torch.cat([torch.full((w.shape[0],), float(w.shape[1])) for w in weights.values()])
         bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target_avg_bits,
-                             self.thresholds)
+                             self.thresholds, self.score_power)
         out = dict(zip(scores, bits.split([len(s) for s in scores.values()])))
         ranges = {p: (float(s.min()), float(s.max())) for p, s in scores.items()}
         return out, ranges

@@ -186,6 +186,7 @@ class UniformQuantConf(QuantConf):
     sym: bool = True
     group_size: Optional[int] = None         # null: one scale per output channel
     bits_options: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    act_order: bool = False                  # GPTQ columns by decreasing diag(H), static groups
 
 
 @dataclass
@@ -198,6 +199,8 @@ class MixedQuantConf(QuantConf):
     thresholds: List[float] = field(default_factory=lambda: [0.5, 1.2])
     sym: bool = True
     group_size: Optional[int] = None
+    act_order: bool = False
+    score_power: float = 2.0                 # budget: minimise sum score^p * 4^-bits
 
 
 # ---- finetune ------------------------------------------------------------------------------

@@ -99,8 +99,8 @@ def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor
 @torch.no_grad()
 def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize: int = 128,
               damp: float = 0.01, quantizer: RowQuantizer | None = None,
-              fixed_mask: Tensor | None = None,
-              factor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, float]:
+              fixed_mask: Tensor | None = None, factor: tuple[Tensor, Tensor] | None = None,
+              act_order: bool = False) -> tuple[Tensor, Tensor, float]:
     """SparseGPT (Frantar & Alistarh 2023, Alg. 1) with optional GPTQ quantization in the same sweep.
 
     Columns are visited left to right in blocks of `blocksize`. At the start of each block the mask of
@@ -109,7 +109,9 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
     divided by U_jj, is spread onto the block's later columns through row j of U (in-block, eagerly)
     and onto the later blocks once per block (lazy batched update). `fixed_mask` replaces the mask
     selection (quantize a model pruned elsewhere, keeping its zeros); `factor` is a precomputed
-    inverse_hessian_factor(hessian, damp). The loop over the columns of a
+    inverse_hessian_factor(hessian, damp). act_order: visit the columns by decreasing diag(H) (GPTQ's
+    activation order; quantization groups stay the original column ranges, their scales computed
+    before the sweep, i.e. llm-compressor's "static" order). The loop over the columns of a
     block is the algorithm's sequential dependency; every step is vectorised over rows.
 
     Computes in fp32 (fp64 for an fp64 weight). Returns (new weight in the input dtype, keep-mask,
@@ -119,8 +121,23 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
     w_all = weight.detach().to(work).clone()
     rows, cols = w_all.shape
     spec.check_width(cols, blocksize if spec.nm else None)
+    if act_order and spec.nm and fixed_mask is None:
+        raise PruneLabError("quant.act_order reorders columns, so it cannot choose N:M masks (use method=wanda|magnitude)")
+    perm = torch.argsort(torch.diag(hessian), descending=True).to(w_all.device) if act_order else None
+    if perm is not None:
+        hessian, factor = hessian[perm][:, perm], None
     hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian.to(w_all.device), damp)
     hinv = hinv.to(work)
+    static = None
+    if perm is not None:
+        dead = dead[torch.argsort(perm)]                      # back to the original column order
+        w_all[:, dead] = 0
+        if fixed_mask is not None:
+            w_all[~fixed_mask] = 0
+        if quantizer is not None and quantizer.group_size:
+            static = _static_group_params(w_all, quantizer, perm)
+        w_all, dead = w_all[:, perm], dead[perm]
+        fixed_mask = fixed_mask[:, perm] if fixed_mask is not None else None
     w_all[:, dead] = 0
     if fixed_mask is not None:
         w_all[~fixed_mask] = 0
@@ -144,7 +161,9 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
                 mask1[:, i:i + spec.prune_m] = nm_mask(
                     w1[:, i:i + spec.prune_m].square() / d[i:i + spec.prune_m].square()[None, :],
                     spec.prune_n, spec.prune_m)
-            if quantizer is not None and quantizer.group_size and col % quantizer.group_size == 0:
+            if static is not None:
+                params = (static[0][:, col:col + 1], static[1][:, col:col + 1], static[2])
+            elif quantizer is not None and quantizer.group_size and col % quantizer.group_size == 0:
                 ahead = torch.cat([w1[:, i:], w_all[:, b1:]], dim=1)[:, :quantizer.group_size]
                 params = quantizer.params(ahead)
             w = w1[:, i]
@@ -159,7 +178,19 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
         w_all[:, b0:b1] = w1
         mask[:, b0:b1] = mask1
         w_all[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        w_all, mask = w_all[:, inverse], mask[:, inverse]
     return w_all.to(weight.dtype), mask, float(loss)
+
+
+def _static_group_params(w: Tensor, quantizer: RowQuantizer, perm: Tensor):
+    """Per visited column (permuted order): the (scale, zero) of its original group, from `w`."""
+    gs = quantizer.group_size
+    groups = [quantizer.params(w[:, c:c + gs]) for c in range(0, w.shape[1], gs)]
+    scale = torch.cat([g[0] for g in groups], dim=1).repeat_interleave(gs, dim=1)[:, :w.shape[1]]
+    zero = torch.cat([g[1] for g in groups], dim=1).repeat_interleave(gs, dim=1)[:, :w.shape[1]]
+    return scale[:, perm], zero[:, perm], groups[0][2]
 
 
 def reconstruction_error(w_new: Tensor, w_ref: Tensor, hessian: Tensor) -> float:

@@ -191,3 +191,21 @@ def test_bad_allocation_config(bad, match):
 def test_bad_sparsity(spec, match):
     with pytest.raises(PruneLabError, match=match):
         spec.check()
+
+
+def test_act_order_is_the_sweep_of_the_permuted_problem():
+    w, h, _ = layer_problem()
+    perm = torch.argsort(torch.diag(h), descending=True)
+    quant = RowQuantizer(torch.full((16,), 3), sym=False)
+    for spec in (SparsitySpec(sparsity=0.5), SparsitySpec()):
+        fast, mask, _ = obs_sweep(w, h, spec, blocksize=8, quantizer=quant, act_order=True)
+        ref, ref_mask = slow_obs(w[:, perm], h[perm][:, perm], spec, blocksize=8, damp=0.01, quantizer=quant)
+        inv = torch.argsort(perm)
+        assert torch.equal(mask, ref_mask[:, inv])
+        torch.testing.assert_close(fast, ref[:, inv], rtol=1e-7, atol=1e-8)
+    # static groups: every original group of a row stays on one grid of 2^bits levels
+    grouped = RowQuantizer(torch.full((16,), 2), sym=True, group_size=8)
+    q, _, _ = obs_sweep(w, h, SparsitySpec(), blocksize=8, quantizer=grouped, act_order=True)
+    assert all(len(torch.unique(q[r, c:c + 8])) <= 4 for r in range(16) for c in range(0, 32, 8))
+    with pytest.raises(PruneLabError, match="N:M"):
+        obs_sweep(w, h, SparsitySpec(prune_n=2, prune_m=4), quantizer=quant, act_order=True)
