@@ -317,6 +317,12 @@ class Objective(Enum):
 class SearchConf:
     """Values an Optuna preset samples and interpolates into the job (conf/experiment/optuna_*)."""
     attn_share: Optional[float] = None      # attention's share of the removed params out of 10
+    w_activation: Optional[float] = None    # experiment=optuna_mixed: the five score weights ...
+    w_hessian: Optional[float] = None
+    w_weight: Optional[float] = None
+    w_output: Optional[float] = None
+    w_stability: Optional[float] = None
+    score_power: Optional[float] = None     # ... and the budget allocation's score power
 
 
 @dataclass

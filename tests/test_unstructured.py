@@ -151,3 +151,21 @@ def test_mixed_allocation_over_a_stage_of_real_statistics():
         cols = torch.cat([torch.full((len(method.bits[k]),), float(linears(model)[k].in_features)) for k in keys])
         bits = torch.cat([method.bits[k] for k in keys]).float()
         assert ((bits * cols).sum() / cols.sum()).item() == pytest.approx(5.0, abs=0.01)
+
+
+def test_optuna_mixed_preset_searches_weights_at_the_bit_budget(tmp_path):
+    from test_sweeps import cli, completed, compose_with_hydra, load_study, study_args
+    cfg = compose_with_hydra("experiment=optuna_mixed", "search.w_hessian=0.7")
+    assert list(cfg.quant.weights) == [0.25, 0.7, 0.15, 0.25, 0.10] and cfg.quant.score_power == 2.0
+    assert cfg.method._target_ == "prune_lab.method.SparseGPT" and cfg.quant.allocation == "budget"
+    grid = compose_with_hydra("experiment=sweep_sparsity_bits")
+    assert dict(grid.hydra.sweeper.params) == {"method.sparsity": "0.0,0.25,0.5", "quant.target_avg_bits": "3.0,4.0,5.0"}
+    write_small_corpus(tmp_path)
+    job = [*tiny_overrides("llama", tmp_path), "data=text", f"data.train={tmp_path}/train.txt",
+           f"data.test={tmp_path}/test.txt", "method.blocksize=16", "quant.group_size=16"]
+    cli(tmp_path, *study_args(tmp_path, "optuna_mixed"), *job, "hydra.sweeper.n_trials=2",
+        "quant.target_avg_bits=3.5", f"hydra.sweep.dir={tmp_path}/sweep")
+    trials = completed(load_study(tmp_path))
+    assert len(trials) == 2 and len({t.value for t in trials}) == 2
+    for m in (tmp_path / "sweep").glob("*/metrics.json"):
+        assert json.loads(m.read_text())["compression"]["avg_bits"] == pytest.approx(3.5, abs=0.01)
