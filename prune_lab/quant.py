@@ -101,12 +101,15 @@ def check_allocation(bits_options, weights, allocation: str, target_avg_bits: fl
 
 
 def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,
-                  target_avg_bits: float | None = None, thresholds=(0.5, 1.2), power: float = 1.0) -> Tensor:
+                  target_avg_bits: float | None = None, thresholds=(0.5, 1.2), power: float = 1.0,
+                  errors: Tensor | None = None) -> Tensor:
     """Bits per channel from its score; `costs` = weights per channel (the average is over weights).
 
     quantile: equal shares of the weights per option by score quantile (average = mean of options);
-    budget: average exactly target_avg_bits (within one channel's smallest step), more bits for
-    higher scores (minimises Σ score^power · 4^(−bits)); threshold3: 2 / 4 / 8 bits below / between / above the two score thresholds.
+    budget: average exactly target_avg_bits (within one channel's smallest step), minimising
+    Σ score^power · error(bits) where error is `errors` (channels × options, e.g. the measured
+    quantization error of each channel at each option) or, without it, costs · 4^(−bits): higher
+    scores get more bits; threshold3: 2 / 4 / 8 bits below / between / above the two thresholds.
     """
     opts = torch.tensor(sorted(options), dtype=torch.float64)
     s, c = scores.double().cpu(), costs.double().cpu()
@@ -121,20 +124,21 @@ def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,
         idx[order] = (share * len(opts)).long().clamp(max=len(opts) - 1)
         bits = opts[idx]
     else:
-        bits = opts[_budget(s.clamp_min(1e-12) ** power, c, opts, float(target_avg_bits))]
+        err = errors.double().cpu() if errors is not None else c[:, None] * 4.0 ** (-opts)[None, :]
+        bits = opts[_budget(s.clamp_min(1e-12)[:, None] ** power * err, c, opts, float(target_avg_bits))]
     return bits.to(torch.int64)
 
 
-def _budget(s: Tensor, c: Tensor, opts: Tensor, target: float) -> Tensor:
-    """Option index per channel minimising Σ s·4^(−b) (expected quantization error weighted by
-    importance) subject to Σ c·b = target·Σ c: bisection on the Lagrange multiplier, then a greedy
-    fill of the remainder with the best gain-per-bit upgrades that still fit."""
-    err, budget = 4.0 ** (-opts), target * c.sum()
+def _budget(loss: Tensor, c: Tensor, opts: Tensor, target: float) -> Tensor:
+    """Option index per channel minimising Σ loss[channel, option] subject to Σ c·bits = target·Σ c:
+    bisection on the Lagrange multiplier, then a greedy fill of the remainder with the best
+    loss-decrease-per-bit upgrades that still fit."""
+    budget, rows = target * c.sum(), torch.arange(len(c))
 
     def assign(lam: float) -> Tensor:
-        return (s[:, None] * err + lam * opts).argmin(1)
+        return (loss + lam * c[:, None] * opts[None, :]).argmin(1)
 
-    lo, hi = 1e-30, float(s.max()) + 1.0                 # lo: every channel at max bits; hi: at min
+    lo, hi = 1e-30, float(loss.max() / c.min()) + 1.0    # lo: every channel at max bits; hi: at min
     for _ in range(200):
         mid = (lo * hi) ** 0.5
         if (c * opts[assign(mid)]).sum() > budget:
@@ -142,17 +146,18 @@ def _budget(s: Tensor, c: Tensor, opts: Tensor, target: float) -> Tensor:
         else:
             hi = mid
     idx, above = assign(hi), assign(lo)
-    # channels tied at the multiplier: upgrade the highest-scored ones while the budget allows
+    # channels tied at the multiplier: upgrade those gaining most while the budget allows
     tied = (above != idx).nonzero().squeeze(1)
-    tied = tied[s[tied].argsort(descending=True)]
+    gain = (loss[tied, idx[tied]] - loss[tied, above[tied]]) / ((opts[above[tied]] - opts[idx[tied]]) * c[tied])
+    tied = tied[gain.argsort(descending=True)]
     fits = ((opts[above[tied]] - opts[idx[tied]]) * c[tied]).cumsum(0) <= budget - (c * opts[idx]).sum()
     idx[tied[fits]] = above[tied[fits]]
     left = budget - (c * opts[idx]).sum()
     tol = 1e-9 * budget
-    for _ in range(len(s) * len(opts)):
+    for _ in range(len(c) * len(opts)):
         nxt = (idx + 1).clamp(max=len(opts) - 1)
         step = (opts[nxt] - opts[idx]) * c
-        gain = s * (err[idx] - err[nxt]) / step.clamp_min(1e-12)
+        gain = (loss[rows, idx] - loss[rows, nxt]) / step.clamp_min(1e-12)
         gain[(nxt == idx) | (step > left + tol)] = -1
         best = int(gain.argmax())
         if gain[best] < 0:
@@ -209,7 +214,7 @@ class Mixed(Uniform):
     def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
                  allocation: str = "budget", target_avg_bits: float | None = 4.0,
                  thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
-                 act_order: bool = False, score_power: float = 2.0):
+                 act_order: bool = False, score_power: float = 1.0):
         check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
         super().__init__(int(min(bits_options)), sym, group_size, bits_options, act_order)
         self.weights = torch.tensor([float(w) for w in weights])
@@ -223,8 +228,22 @@ class Mixed(Uniform):
                   for p, w in weights.items()}
         flat = torch.cat(list(scores.values()))
         costs = torch.cat([torch.full((w.shape[0],), float(w.shape[1])) for w in weights.values()])
+        errors = None
+        if self.allocation == "budget":
+            errors = torch.cat([self.rtn_errors(w, stats[p]) for p, w in weights.items()])
         bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target_avg_bits,
-                             self.thresholds, self.score_power)
+                             self.thresholds, self.score_power, errors)
         out = dict(zip(scores, bits.split([len(s) for s in scores.values()])))
         ranges = {p: (float(s.min()), float(s.max())) for p, s in scores.items()}
         return out, ranges
+
+    def rtn_errors(self, weight: Tensor, stats) -> Tensor:
+        """(rows, options): Σ_i E[x_i²]·(w − Q_b(w))² per row at each bit option (the layer loss of
+        round-to-nearest under a diagonal Hessian), relative to the linear's Σ_i E[x_i²]·w² so that
+        linears of different scales compare."""
+        w = weight.float()
+        h = (stats.sum_sq / max(stats.count, 1)).to(w.device).float()
+        rows = w.shape[0]
+        err = torch.stack([((w - quantize_rtn(w, RowQuantizer(torch.full((rows,), b), self.sym, self.group_size)))
+                            .square() @ h) for b in self.bits_options], dim=1)
+        return (err / (w.square() @ h).sum().clamp_min(1e-30)).cpu()

@@ -200,7 +200,7 @@ class MixedQuantConf(QuantConf):
     sym: bool = True
     group_size: Optional[int] = None
     act_order: bool = False
-    score_power: float = 2.0                 # budget: minimise sum score^p * 4^-bits
+    score_power: float = 1.0                 # budget: minimise sum score^p * error(bits)
 
 
 # ---- finetune ------------------------------------------------------------------------------

@@ -209,3 +209,23 @@ def test_act_order_is_the_sweep_of_the_permuted_problem():
     assert all(len(torch.unique(q[r, c:c + 8])) <= 4 for r in range(16) for c in range(0, 32, 8))
     with pytest.raises(PruneLabError, match="N:M"):
         obs_sweep(w, h, SparsitySpec(prune_n=2, prune_m=4), quantizer=quant, act_order=True)
+
+
+def test_budget_with_measured_errors_is_near_the_lagrangian_lower_bound():
+    g = torch.Generator().manual_seed(3)
+    opts = torch.tensor([2, 3, 4, 6, 8], dtype=torch.float64)
+    n = 400
+    errors = (torch.rand(n, 1, generator=g) * 3 + 0.1) * 4.0 ** (-opts)[None] * (1 + 0.3 * torch.rand(n, 5, generator=g))
+    errors = errors.sort(dim=1, descending=True).values            # more bits, less error
+    costs = torch.where(torch.arange(n) < 200, 256.0, 768.0).double()
+    for target in (3.3, 4.0, 5.2):
+        bits = allocate_bits(torch.ones(n), costs, [2, 3, 4, 6, 8], "budget", target, errors=errors)
+        assert abs(((bits * costs).sum() / costs.sum()).item() - target) <= 0.01
+        ours = errors[torch.arange(n), torch.bucketize(bits.double(), opts)].sum()
+        # Lagrangian dual: a lower bound on the best loss at exactly this budget
+        budget = target * costs.sum()
+        dual = max((errors + lam * costs[:, None] * opts[None]).min(1).values.sum() - lam * budget
+                   for lam in torch.logspace(-9, 0, 600, dtype=torch.float64))
+        assert ours <= dual * 1.01 + 1e-12, (target, ours, dual)
+    four = allocate_bits(torch.ones(n), costs, [2, 3, 4, 6, 8], "budget", 4.0, errors=errors)
+    assert errors[torch.arange(n), torch.bucketize(four.double(), opts)].sum() <= errors[:, 2].sum()

@@ -156,7 +156,7 @@ def test_mixed_allocation_over_a_stage_of_real_statistics():
 def test_optuna_mixed_preset_searches_weights_at_the_bit_budget(tmp_path):
     from test_sweeps import cli, completed, compose_with_hydra, load_study, study_args
     cfg = compose_with_hydra("experiment=optuna_mixed", "search.w_hessian=0.7")
-    assert list(cfg.quant.weights) == [0.25, 0.7, 0.15, 0.25, 0.10] and cfg.quant.score_power == 2.0
+    assert list(cfg.quant.weights) == [0.25, 0.7, 0.15, 0.25, 0.10] and cfg.quant.score_power == 1.0
     assert cfg.method._target_ == "prune_lab.method.SparseGPT" and cfg.quant.allocation == "budget"
     grid = compose_with_hydra("experiment=sweep_sparsity_bits")
     assert dict(grid.hydra.sweeper.params) == {"method.sparsity": "0.0,0.25,0.5", "quant.target_avg_bits": "3.0,4.0,5.0"}
