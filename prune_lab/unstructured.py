@@ -14,8 +14,6 @@ from omegaconf import DictConfig
 from .dense import load_dense
 from .compression import linear_table, masks_kept, save_compression, summarise, write_tables
 from .data import load_named
-from .engine import PROPAGATE, walk
-from .errors import PruneLabError
 from .record import RunRecord
 
 log = logging.getLogger("prune_lab")
@@ -30,8 +28,7 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
     calibration = build(cfg.calibration)
     quant = build(cfg.quant)
     method = build(cfg.method).with_quant(quant)
-    if cfg.engine.propagate not in PROPAGATE:
-        raise PruneLabError(f"engine.propagate must be one of {', '.join(PROPAGATE)}, got '{cfg.engine.propagate}'")
+    engine = build(cfg.engine)
     finetuner = build(cfg.finetune)
     evaluator = build(cfg.eval, _convert_="all")
 
@@ -51,8 +48,7 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
     with record.stage("engine"):
         batches = calibration.batches(streams(dataset, calibration.split), cfg.seed)
         record["data_fingerprint"] = {"calibration": dataset.fingerprint(calibration.split)}
-        records = walk(model, batches, method, device=loader.device, offload=cfg.engine.offload,
-                       propagate=cfg.engine.propagate, progress=True)
+        records = engine.walk(model, batches, method)
     table = linear_table(records)
     summary = summarise(model, method, quant, table)
     record["compression"] = summary
