@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import layer_views
-from .scores import UnitScores, add_into, reduce_to_units
+from .gradients import GradientStatistics, checkpointed
+from .scores import UnitScores, reduce_to_units
 
 
 def _decoder_linears(views):
@@ -62,11 +63,17 @@ class Taylor(Importance):
     """First-order Taylor |θ·g| (g = mean gradient over calibration batches).
 
     With second_order=True adds ½·θ²·E[g²] (diagonal Fisher), accumulated per unit batch by batch
-    so no full-size second-moment copy is kept.
+    so no full-size second-moment copy is kept. Gradients are folded into fp32 accumulators as
+    autograd produces them and freed at once (prune_lab/gradients.py); `offload=True` keeps the
+    per-weight accumulators in CPU memory and `gradient_checkpointing=True` recomputes each decoder
+    layer's activations in the backward pass: together they leave the weights, one layer's
+    activations and one layer's gradients on the device.
     """
 
-    def __init__(self, second_order: bool = False):
-        self.second_order = second_order
+    def __init__(self, second_order: bool = False, offload: bool = False,
+                 gradient_checkpointing: bool = False):
+        self.second_order, self.offload = second_order, offload
+        self.gradient_checkpointing = gradient_checkpointing
         self.name = "taylor_2nd" if second_order else "taylor"
 
     def describe(self) -> dict:
@@ -74,41 +81,25 @@ class Taylor(Importance):
 
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
         views = layer_views(model)
-        linears = list(_decoder_linears(views))
-        params = [p for lin in linears for p in lin.parameters()]
         saved_flags = {p: p.requires_grad for p in model.parameters()}
+        was_training = model.training
+        stats = GradientStatistics(views, self.second_order, self.offload)
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params:
+        for p in stats.params:
             p.requires_grad_(True)
-        grad_sum = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
-        fisher: UnitScores | None = None
-        was_training = model.training
         model.eval()
         try:
-            for batch in tqdm(batches, desc=self.name, leave=False):
-                batch = batch.to(model.device)
-                loss = model(batch, labels=batch).loss
-                loss.backward()
-                with torch.no_grad():
-                    for p in params:
-                        grad_sum[p] += p.grad.float()
-                    if self.second_order:
-                        fisher = add_into(fisher, reduce_to_units(
-                            views, lambda lin, n: (_param(lin, n).float() * _param(lin, n).grad.float()) ** 2))
-                model.zero_grad(set_to_none=True)
+            with stats, checkpointed(model.model.layers, self.gradient_checkpointing):
+                for batch in tqdm(batches, desc=self.name, leave=False):
+                    batch = batch.to(model.device)
+                    model(batch, labels=batch, use_cache=False).loss.backward()
         finally:
             for p, flag in saved_flags.items():
                 p.requires_grad_(flag)
+                p.grad = None
             model.train(was_training)
-        n = len(batches)
-        with torch.no_grad():
-            scores = reduce_to_units(
-                views, lambda lin, name: (_param(lin, name).float() * grad_sum[_param(lin, name)] / n).abs())
-            if self.second_order:
-                for s, f in zip(scores.attn + scores.mlp, fisher.attn + fisher.mlp):
-                    s += 0.5 * f / n
-        return scores
+        return stats.scores(len(batches))
 
 
 class Wanda(Importance):

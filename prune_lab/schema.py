@@ -111,6 +111,8 @@ class ImportanceConf:
 class TaylorConf(ImportanceConf):
     _target_: str = "prune_lab.importance.Taylor"
     second_order: bool = False
+    offload: bool = False                    # per-weight fp32 gradient sums in (pinned) CPU memory
+    gradient_checkpointing: bool = False     # recompute decoder layers in the backward pass
 
 
 @dataclass

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .adapter import AttentionView, LayerView, MLPView
+from .adapter import LayerView
 from .atomic import atomic_path
 from .errors import PruneLabError
 
@@ -53,30 +55,34 @@ def group_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(groups, -1).sum(1)
 
 
-def attention_unit_sum(view: AttentionView, per_weight) -> torch.Tensor:
-    """Sum per-weight scores over each GQA group. per_weight(linear, name) -> tensor like its param."""
-    nkv = view.num_kv_heads
-    total = torch.zeros(nkv, dtype=torch.float32, device=view.q.weight.device)
-    for lin in (view.q, view.k, view.v):
-        total += group_rows(per_weight(lin, "weight").float(), nkv)
-        if lin.bias is not None:
-            total += group_rows(per_weight(lin, "bias").float(), nkv)
-    o = per_weight(view.o, "weight").float()              # [hidden, nkv*G*hd]
-    total += group_rows(o.sum(0), nkv)
-    return total
+def unit_terms(view: LayerView) -> list[tuple[nn.Linear, str, str, Callable]]:
+    """Every decoder parameter of a layer as (linear, "weight"|"bias", "attn"|"mlp", reduce), where
+    reduce maps a tensor shaped like that parameter to one value per unit (KV group or MLP channel)."""
+    a, m = view.attn, view.mlp
+    nkv = a.num_kv_heads
+    rows = lambda x: group_rows(x, nkv)              # noqa: E731  q/k/v rows (and biases), per group
+    cols = lambda x: group_rows(x.sum(0), nkv)       # noqa: E731  o columns, per group
+    terms = [(lin, "weight", "attn", rows) for lin in (a.q, a.k, a.v)]
+    terms += [(lin, "bias", "attn", rows) for lin in (a.q, a.k, a.v) if lin.bias is not None]
+    terms += [(a.o, "weight", "attn", cols)]
+    terms += [(lin, "weight", "mlp", lambda x: x.sum(1)) for lin in m.inputs]          # gate/up rows
+    terms += [(lin, "bias", "mlp", lambda x: x) for lin in m.inputs if lin.bias is not None]
+    return terms + [(m.down, "weight", "mlp", lambda x: x.sum(0))]
 
 
-def mlp_unit_sum(view: MLPView, per_weight) -> torch.Tensor:
-    total = sum(per_weight(lin, "weight").float().sum(1) for lin in view.inputs)
-    for lin in view.inputs:
-        if lin.bias is not None:
-            total += per_weight(lin, "bias").float()
-    return total + per_weight(view.down, "weight").float().sum(0)
+def zero_scores(views: list[LayerView], device=None) -> UnitScores:
+    return UnitScores([torch.zeros(v.attn.num_kv_heads, device=device or v.attn.q.weight.device)
+                       for v in views],
+                      [torch.zeros(v.mlp.width, device=device or v.mlp.up.weight.device) for v in views])
 
 
 def reduce_to_units(views: list[LayerView], per_weight) -> UnitScores:
-    return UnitScores([attention_unit_sum(v.attn, per_weight) for v in views],
-                      [mlp_unit_sum(v.mlp, per_weight) for v in views])
+    """Sum per-weight scores over every unit. per_weight(linear, name) -> tensor like its param."""
+    scores = zero_scores(views)
+    for v in views:
+        for lin, name, kind, reduce in unit_terms(v):
+            getattr(scores, kind)[v.index] += reduce(per_weight(lin, name).float())
+    return scores
 
 
 def add_into(acc: UnitScores | None, new: UnitScores) -> UnitScores:
