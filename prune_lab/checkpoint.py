@@ -3,8 +3,8 @@
 transformers cannot build layers of different widths from a config (and its
 `ignore_mismatched_sizes` silently re-initialises), so `load_pruned` builds the dense
 architecture, slices every layer to its manifest widths with the pruning executor, then loads
-the weights strictly. A uniformly pruned model also gets a top-level config that plain
-`AutoModelForCausalLM.from_pretrained` loads, when transformers accepts those head counts.
+the weights strictly. A model whose layers share one shape gets a top-level config that plain
+`AutoModelForCausalLM.from_pretrained` loads (prune_lab/export.py).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .adapter import (NO_GATE_FAMILIES, check_supported, head_dim_of, layer_shap
                       model_family)
 from .atomic import atomic_dir
 from .errors import CheckpointError, PruneLabError
+from .export import plain_config
 from .prune import prune_attention, prune_mlp
 
 WEIGHTS = "model.safetensors"
@@ -75,24 +76,16 @@ def added_biases(model: nn.Module) -> list[str]:
 
 
 def export_config(model: nn.Module, manifest: dict):
-    """The config to write: pruned head counts at top level when uniform and valid, else dense ones."""
-    config = copy.deepcopy(model.config)
-    config.prune_lab = manifest
-    config.architectures = [type(model).__name__]
-    config.dtype = next(model.parameters()).dtype
-    shapes = manifest["layers"]
-    if (any(s != shapes[0] for s in shapes) or model_family(model) in NO_GATE_FAMILIES
-            or manifest.get("added_biases")):
-        # OPT derives head_dim from hidden / heads: its config cannot say pruned heads;
-        # o/down biases added by reconstruction are built only by prune_lab's loader
-        return config
-    uniform = {**config.to_dict(), "num_attention_heads": shapes[0]["q_heads"],
-               "num_key_value_heads": shapes[0]["kv_heads"],
-               "intermediate_size": shapes[0]["mlp_width"], "head_dim": manifest["head_dim"]}
+    """The config to write: the plain pruned shape when every layer shares one (prune_lab/export.py),
+    else the dense head counts (buildable), with the per-layer manifest either way."""
     try:
-        return type(config).from_dict(uniform)
-    except Exception:  # e.g. LlamaConfig refuses hidden_size not a multiple of the head count
-        return config
+        config = plain_config(model)
+    except PruneLabError:
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+    config.prune_lab = manifest
+    config.dtype = next(model.parameters()).dtype
+    return config
 
 
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import layer_views
+from .adapter import decoder_layers, layer_views
 from .gradients import GradientStatistics, checkpointed
 from .scores import UnitScores, reduce_to_units
 
@@ -90,7 +90,7 @@ class Taylor(Importance):
             p.requires_grad_(True)
         model.eval()
         try:
-            with stats, checkpointed(model.model.layers, self.gradient_checkpointing):
+            with stats, checkpointed(decoder_layers(model), self.gradient_checkpointing):
                 for batch in tqdm(batches, desc=self.name, leave=False):
                     batch = batch.to(model.device)
                     model(batch, labels=batch, use_cache=False).loss.backward()

@@ -14,11 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .adapter import decoder_linear_params, layer_shapes, layer_views
+from .allocator import align_plan, check_alignment
 from .atomic import atomic_path
 from .cache import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
 from .data import load_named
 from .dense import load_dense
 from .errors import PruneLabError
+from .export import export_hf, shared_shape
 from .layer_table import layer_table, write_layer_table
 from .prune import apply_plan, max_logit_difference
 from .reconstruct import summarize, write_errors
@@ -93,6 +95,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
     reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
+    check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
 
     if evaluator.before:
         with record.stage("eval_dense"):
@@ -120,7 +123,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
 
     with record.stage("allocate"):
         views = layer_views(model)
-        plan = allocator(scores, views, layer_scores)
+        plan = align_plan(allocator(scores, views, layer_scores), scores, views, allocator.multiple_of)
         plan.save(run_dir / "plan.csv")
         if getattr(allocator, "table", None) is not None:
             with atomic_path(run_dir / "unit_table.csv") as tmp:
@@ -143,6 +146,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     with record.stage("prune"):
         dense_copy = copy.deepcopy(model) if cfg.verify else None
         apply_plan(model, plan)
+        if cfg.output.export:
+            shared_shape(model)      # output.export=hf refuses a non-uniform model before evaluating
     record["model"]["pruned"] = model_stats(model)
     record["model"]["layers"] = layer_shapes(model)
     if dense_copy is not None:
@@ -163,6 +168,9 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         from .checkpoint import save_pruned
         with record.stage("save"):
             save_pruned(model, tokenizer, run_dir / "model")
+    if cfg.output.export:
+        with record.stage("export"):
+            record["export"] = export_hf(model, tokenizer, run_dir / "hf")
     if cfg.output.plots:
         from .plots import write_run_plots
         with record.stage("plots"):

@@ -133,6 +133,7 @@ class AllocatorConf:
     ratio: float = 0.25
     layer_start: int = 0
     layer_end: Optional[int] = None
+    multiple_of: int = 1                     # kept MLP / query widths on multiples of it (1 = any)
 
 
 @dataclass
@@ -158,6 +159,12 @@ class GlobalConf(AllocatorConf):
 class DepthConf(AllocatorConf):
     _target_: str = "prune_lab.allocator.Depth"
     n_layers: Optional[int] = None
+
+
+@dataclass
+class UniformShapeConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.UniformShape"
+    max_removed_layers: Optional[int] = None
 
 
 # ---- method (structured | sparsegpt | wanda | magnitude) and quant (none | uniform | mixed) ---------
@@ -296,9 +303,14 @@ class EvalConf:
 
 
 # ---- job -----------------------------------------------------------------------------------
+class ExportFormat(Enum):
+    hf = 1                                   # a plain Hugging Face directory (uniform layer shapes only)
+
+
 @dataclass
 class OutputConf:
     save_model: bool = False
+    export: Optional[ExportFormat] = None    # hf: also write run_dir/hf, loadable by from_pretrained
     plots: bool = True
     save_scores: bool = True
 
@@ -356,7 +368,8 @@ SCHEMAS = {
     "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf},
     "layer_importance": {"base": LayerImportanceConf},
     "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
-                  "depth": DepthConf},
+                  "depth": DepthConf,
+                  "uniform_shape": UniformShapeConf},
     "reconstruct": {"base": ReconstructConf},
     "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
     "eval": {"base": EvalConf},

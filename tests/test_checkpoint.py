@@ -79,15 +79,26 @@ def test_uniform_prune_loads_with_plain_from_pretrained(arch, tmp_path):
     assert torch.equal(logits(load_pruned(path)), logits(model))
 
 
-def test_uniform_prune_with_invalid_head_count_keeps_dense_config(tmp_path):
+def test_uniform_prune_with_head_count_llama_refuses_loads_as_mistral(tmp_path):
     # 8 q / 4 kv heads on hidden 64: removing one group leaves 6 heads, which LlamaConfig refuses
     model = RandomModel(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
                         num_hidden_layers=2, intermediate_size=48, device="cpu").build()
     path = saved(model, PruningPlan(attn={0: [2], 1: [0]}), tmp_path)
-    assert json.loads((path / "config.json").read_text())["num_attention_heads"] == 8
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["num_attention_heads"]) == \
+        ("mistral", ["MistralForCausalLM"], 6)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path).eval()), logits(model))
     reloaded = load_pruned(path)
     assert reloaded.model.layers[0].self_attn.num_key_value_groups == 2
     assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_biased_llama_with_refused_head_count_keeps_dense_config(tmp_path):
+    model = RandomModel(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                        num_hidden_layers=2, intermediate_size=48, attention_bias=True, device="cpu").build()
+    path = saved(model, PruningPlan(attn={0: [2], 1: [0]}), tmp_path)
+    assert json.loads((path / "config.json").read_text())["num_attention_heads"] == 8
+    assert torch.equal(logits(load_pruned(path)), logits(model))
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_job, tiny_model, tokens
+from conftest import ALL_ARCHS, compose_job, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.allocator import Global
 from prune_lab.gradients import GradientStatistics
@@ -20,7 +20,7 @@ def reference_taylor(model, batches, second_order: bool):
     """The straightforward computation: full backward, every .grad kept, summed afterwards."""
     views = layer_views(model)
     linears = [lin for v in views for lin in (v.attn.q, v.attn.k, v.attn.v, v.attn.o,
-                                               v.mlp.gate, v.mlp.up, v.mlp.down)]
+                                               *v.mlp.inputs, v.mlp.down)]
     params = [p for lin in linears for p in lin.parameters()]
     for p in model.parameters():
         p.requires_grad_(p in set(params))
@@ -41,7 +41,8 @@ def reference_taylor(model, batches, second_order: bool):
         rows = lambda p: per[p].reshape(a.num_kv_heads, -1).sum(1)    # noqa: E731
         attn = sum(rows(lin.weight) + (rows(lin.bias) if lin.bias is not None else 0)
                    for lin in (a.q, a.k, a.v)) + per[a.o.weight].sum(0).reshape(a.num_kv_heads, -1).sum(1)
-        mlp = per[m.gate.weight].sum(1) + per[m.up.weight].sum(1) + per[m.down.weight].sum(0)
+        mlp = sum(per[lin.weight].sum(1) + (per[lin.bias] if lin.bias is not None else 0) for lin in m.inputs)
+        mlp = mlp + per[m.down.weight].sum(0)
         out.append((attn, mlp))
     for p in model.parameters():
         p.requires_grad_(True)
@@ -52,6 +53,7 @@ MODES = {"default": {}, "offload": {"offload": True}, "checkpointing": {"gradien
          "lean": {"offload": True, "gradient_checkpointing": True}}
 
 
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("second_order", [False, True], ids=["taylor", "taylor_2nd"])
 def test_every_mode_gives_the_reference_scores_and_plan(arch, second_order):
     model = lively(tiny_model(arch, layers=3))

@@ -48,10 +48,14 @@ def largest_remainder(ideal: np.ndarray, total: int, cap: np.ndarray) -> np.ndar
 class Allocator:
     needs_layer_importance = False
 
-    def __init__(self, ratio: float = 0.25, layer_start: int = 0, layer_end: int | None = None):
+    def __init__(self, ratio: float = 0.25, layer_start: int = 0, layer_end: int | None = None,
+                 multiple_of: int = 1):
         if not 0.0 <= ratio < 1.0:
             raise PruneLabError(f"allocator.ratio must be in [0, 1), got {ratio}")
+        if multiple_of < 1:
+            raise PruneLabError(f"allocator.multiple_of must be >= 1, got {multiple_of}")
         self.ratio, self.layer_start, self.layer_end = ratio, layer_start, layer_end
+        self.multiple_of = multiple_of       # kept widths on multiples of it: applied by align.align_plan
 
     def eligible(self, views: list[LayerView]) -> np.ndarray:
         n = len(views)

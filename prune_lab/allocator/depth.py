@@ -14,8 +14,8 @@ class Depth(Allocator):
     needs_layer_importance = True
 
     def __init__(self, ratio: float = 0.25, n_layers: int | None = None,
-                 layer_start: int = 0, layer_end: int | None = None):
-        super().__init__(ratio, layer_start, layer_end)
+                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
+        super().__init__(ratio, layer_start, layer_end, multiple_of)
         self.n_layers = n_layers
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:

@@ -35,8 +35,8 @@ class Global(Allocator):
     """
 
     def __init__(self, ratio: float = 0.25, remove_empty_layers: bool = False,
-                 layer_start: int = 0, layer_end: int | None = None):
-        super().__init__(ratio, layer_start, layer_end)
+                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
+        super().__init__(ratio, layer_start, layer_end, multiple_of)
         self.remove_empty_layers = remove_empty_layers
         self.table: pd.DataFrame | None = None
 

@@ -75,8 +75,8 @@ class Layerwise(Allocator):
     def __init__(self, ratio: float = 0.25, strategy: str = "inverse", alpha: float = 1.0,
                  eps: float = 0.01, log_transform: bool = False, min_rate: float = 0.0,
                  max_rate: float = 0.9, freeze_top_n: int = 0, layer_start: int = 0,
-                 layer_end: int | None = None, distribution: str = "3:7"):
-        super().__init__(ratio, layer_start, layer_end)
+                 layer_end: int | None = None, distribution: str = "3:7", multiple_of: int = 1):
+        super().__init__(ratio, layer_start, layer_end, multiple_of)
         if strategy not in STRATEGIES:
             raise PruneLabError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
         if not 0 <= min_rate <= max_rate <= 1:

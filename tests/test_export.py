@@ -1,0 +1,97 @@
+"""output.export=hf: every uniform pruned shape, on every architecture, loads with plain
+AutoModelForCausalLM.from_pretrained (and lm-eval's HF model) and computes the same logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import LAB_MODEL, TINY, tiny_overrides, tokens
+from prune_lab.errors import PruneLabError
+from prune_lab.export import export_hf
+from prune_lab.model import RandomModel
+from prune_lab.plan import PruningPlan
+from prune_lab.prune import apply_plan
+from test_checkpoint import run_cli
+from test_prune import lively
+
+# More KV groups than the conftest shapes, so that removing one leaves a head count that does not
+# divide hidden_size (6 of 8 on hidden 64; 12 of 14 on qwen2's 112): the case LlamaConfig refuses.
+KV = {"llama": 4, "mistral": 4, "qwen3": 4, "qwen2": 7}
+PLANS = {"width": PruningPlan(attn={i: [1] for i in range(3)}, mlp={i: [0, 3, 7, 9, 20] for i in range(3)}),
+         "width+depth": PruningPlan(attn={i: [2] for i in (0, 2)}, mlp={i: [5, 6] for i in (0, 2)}, layers=[1])}
+
+
+def pruned_model(arch: str, plan: PruningPlan, bias: bool = False):
+    shape = dict(TINY[arch], num_key_value_heads=KV[arch], num_hidden_layers=3, intermediate_size=48,
+                 attention_bias=bias)
+    return apply_plan(lively(RandomModel(**shape, device="cpu").build()), plan)
+
+
+def padded_batch():
+    x = tokens(2, 12, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize("variant", list(PLANS))
+def test_every_exported_shape_loads_with_plain_transformers(arch, variant, tmp_path):
+    model = pruned_model(arch, PLANS[variant])
+    info = export_hf(model, None, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    heads = model.model.layers[0].self_attn.q_proj.out_features // config["head_dim"]
+    assert (config["num_attention_heads"], config["num_hidden_layers"]) == (heads, len(model.model.layers))
+    expected_arch = "MistralForCausalLM" if arch == "llama" else type(model).__name__
+    assert info["architecture"] == config["architectures"][0] == expected_arch
+    x, mask = padded_batch()
+    for impl in ("sdpa", "eager"):
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation=impl).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+            real = mask.bool()                              # padded positions' outputs are arbitrary
+            torch.testing.assert_close(plain(x, attention_mask=mask).logits[real],
+                                       model(x, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_eval_hf_model_loads_an_export(tmp_path):
+    lm_eval = pytest.importorskip("lm_eval.models.huggingface",
+                                  reason="lm-eval is not installed (pip install 'prune_lab[eval]')")
+    from transformers import AutoTokenizer
+    model = pruned_model("llama", PLANS["width+depth"])
+    export_hf(model, AutoTokenizer.from_pretrained(LAB_MODEL), tmp_path / "hf")
+    lm = lm_eval.HFLM(pretrained=str(tmp_path / "hf"), batch_size=2, device="cpu")
+    x = tokens(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_are_one_line(tmp_path):
+    mixed = pruned_model("llama", PruningPlan(attn={0: [1]}, mlp={2: [1, 2]}))
+    with pytest.raises(PruneLabError, match="share one shape") as e:
+        export_hf(mixed, None, tmp_path / "a")
+    biased = pruned_model("llama", PLANS["width"], bias=True)   # no bias-free twin class to fall back on
+    with pytest.raises(PruneLabError, match="transformers refuses the pruned llama shape") as e2:
+        export_hf(biased, None, tmp_path / "b")
+    assert "\n" not in str(e.value) + str(e2.value)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_exports_uniform_shape_and_refuses_global(tmp_path):
+    tiny = tiny_overrides("llama", tmp_path) + ["output.plots=false", "output.export=hf"]
+    ok = run_cli(*tiny, "allocator=uniform_shape", "allocator.max_removed_layers=0",
+                 run_dir=tmp_path / "a", cache=tmp_path / "cache")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "hf")
+    assert plain.config.intermediate_size == metrics["model"]["layers"][0]["mlp_width"] < 48
+    assert metrics["export"]["num_hidden_layers"] == 3
+
+    bad = run_cli(*tiny, "allocator=global", run_dir=tmp_path / "b", cache=tmp_path / "cache")
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("prune_lab: error:")]
+    assert len(lines) == 1 and "share one shape" in lines[0]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "b" / "hf").exists()
