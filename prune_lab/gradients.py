@@ -66,8 +66,8 @@ class GradientStatistics:
         for layer, lin, name, kind, reduce in self.terms:
             p = getattr(lin, name)
             acc = self.grad_sum[p]
-            per_weight = p.detach().to(acc.device, torch.float32, copy=True).mul_(acc).div_(n_batches).abs_()
-            getattr(out, kind)[layer] += reduce(per_weight).to(p.device)
+            per_weight = p.detach().to(acc.device, torch.float32, copy=True).mul_(acc).abs_()
+            getattr(out, kind)[layer] += (reduce(per_weight) / n_batches).to(p.device)   # |θ·Σg|/n
         if self.second_order:
             for s, f in zip(out.attn + out.mlp, self.fisher.attn + self.fisher.mlp):
                 s += 0.5 * f / n_batches

@@ -289,8 +289,9 @@ class ZeroShotConf:
 class EfficiencyConf:
     prompt_len: int = 128
     gen_tokens: int = 32
-    batch_size: int = 1
-    repeats: int = 3
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 5
+    warmup: int = 1
 
 
 @dataclass

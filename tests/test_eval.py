@@ -57,6 +57,24 @@ def test_efficiency_metrics_sane_and_shrink_with_pruning(tokenizer):
     assert dense["efficiency/checkpoint_bytes"] - pruned["efficiency/checkpoint_bytes"] == pytest.approx(4 * removed, abs=64)
 
 
+def test_efficiency_decodes_over_the_kv_cache_per_batch_size(tokenizer):
+    model = tiny_model("llama", layers=2)
+    calls = []
+    model.model.register_forward_pre_hook(lambda _m, args, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                          with_kwargs=True)
+    out = efficiency(model, tokenizer, prompt_len=16, gen_tokens=3, batch_sizes=[1, 4], repeats=2, warmup=1)
+    per_run = lambda b: [(b, 16)] + [(b, 1)] * 3              # noqa: E731  prefill, then one token a step
+    assert calls == per_run(1) * 3 + per_run(4) * 3            # (warm-up + 2 repeats) per batch size
+    for b in (1, 4):
+        m = {k.split("/")[-1]: v for k, v in out.items() if k.startswith(f"efficiency/bs{b}/")}
+        assert m["prefill_tokens_per_s"] == pytest.approx(b * 16 / (m["prefill_latency_ms"] / 1e3))
+        assert m["decode_tokens_per_s"] == pytest.approx(b / (m["decode_ms_per_token"] / 1e3))
+        assert m["generate_latency_ms"] >= m["prefill_latency_ms"]
+    assert out["efficiency/decode_tokens_per_s"] == out["efficiency/bs1/decode_tokens_per_s"]
+    with pytest.raises(PruneLabError, match="batch sizes >= 1"):
+        efficiency(model, tokenizer, batch_sizes=[0])
+
+
 def test_checkpoint_size_matches_safetensors_for_mixed_dtypes_and_tied_weights():
     mixed = {"b.weight": torch.zeros(7, 3, dtype=torch.bfloat16), "a": torch.zeros(5),
              "c": torch.zeros(2, dtype=torch.int64), "flag": torch.zeros(9, dtype=torch.bool)}

@@ -1,7 +1,9 @@
-"""Efficiency: parameters, checkpoint size, prefill / generation speed and peak memory.
+"""Efficiency: parameters, checkpoint size, prefill / decode speed and peak memory.
 
-Timings use random prompt tokens (speed does not depend on the text), one warm-up pass, and the
-median over `repeats`. Generation is greedy with the KV cache and exactly `gen_tokens` new tokens.
+Timings use random prompt tokens (speed does not depend on the text), untimed warm-up runs, the
+device synchronised around every timed span, and the median over `repeats`, for several batch
+sizes. Decoding is an explicit greedy loop over the KV cache (one token per sequence per step), so
+decode speed is not diluted by the prefill or by `generate`'s bookkeeping.
 """
 from __future__ import annotations
 
@@ -62,31 +64,15 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return rss_bytes / 2**20, "process_peak_rss"
 
 
-class Stopwatch:
-    """Median wall time of a callable, synchronising CUDA so queued kernels are counted."""
-
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn) -> float:
-        fn()                                    # warm-up: allocator, kernels, lazy init
-        times = []
-        for _ in range(self.repeats):
-            self._sync()
-            start = time.perf_counter()
-            fn()
-            self._sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so a timer measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def check_lengths(model, prompt_len: int, gen_tokens: int, batch_size: int, repeats: int) -> None:
-    if prompt_len < 1 or gen_tokens < 2 or batch_size < 1 or repeats < 1:
-        raise PruneLabError("eval.efficiency needs prompt_len >= 1, gen_tokens >= 2, batch_size >= 1, "
+def check_lengths(model, prompt_len: int, gen_tokens: int, batch_sizes: list[int], repeats: int) -> None:
+    if prompt_len < 1 or gen_tokens < 1 or not batch_sizes or min(batch_sizes) < 1 or repeats < 1:
+        raise PruneLabError("eval.efficiency needs prompt_len >= 1, gen_tokens >= 1, batch sizes >= 1, "
                             "repeats >= 1")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and prompt_len + gen_tokens > limit:
@@ -94,40 +80,72 @@ def check_lengths(model, prompt_len: int, gen_tokens: int, batch_size: int, repe
                             f"the model's max_position_embeddings={limit}")
 
 
+def timed_generation(model, prompt: torch.Tensor, gen_tokens: int) -> tuple[float, float]:
+    """(prefill s, decode s for gen_tokens steps): greedy, KV cache, last-position logits only.
+
+    Prefill fills the cache from the prompt and gives the first token; each decode step feeds one
+    token per sequence. The device is synchronised at both ends of each timed span.
+    """
+    device = prompt.device
+    sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    prefill = time.perf_counter() - start
+    cache = out.past_key_values
+    start = time.perf_counter()
+    for _ in range(gen_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    return prefill, time.perf_counter() - start
+
+
+def measure(model, prompt: torch.Tensor, gen_tokens: int, repeats: int, warmup: int) -> dict:
+    """Median prefill and decode times over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):                 # allocator, kernel selection, lazy init
+        timed_generation(model, prompt, gen_tokens)
+    runs = [timed_generation(model, prompt, gen_tokens) for _ in range(repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    batch, prompt_len = prompt.shape
+    return {"prefill_latency_ms": prefill * 1e3, "prefill_tokens_per_s": batch * prompt_len / prefill,
+            "decode_ms_per_token": decode / gen_tokens * 1e3, "decode_tokens_per_s": batch * gen_tokens / decode,
+            "generate_latency_ms": statistics.median(a + b for a, b in runs) * 1e3,
+            "generate_tokens_per_s": batch * gen_tokens / statistics.median(a + b for a, b in runs)}
+
+
 @torch.no_grad()
-def efficiency(model, tokenizer, prompt_len: int = 128, gen_tokens: int = 32, batch_size: int = 1,
-               repeats: int = 3, seed: int = 0) -> dict:
-    check_lengths(model, prompt_len, gen_tokens, batch_size, repeats)
+def efficiency(model, tokenizer, prompt_len: int = 128, gen_tokens: int = 32, batch_sizes=(1,),
+               repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict:
+    """Parameters, checkpoint size, and per batch size: prefill and decode speed, peak memory.
+
+    Keys efficiency/bs<B>/<metric> for every batch size; the first batch size also under the
+    flat efficiency/<metric> keys. Prompts are random tokens (speed does not depend on the text).
+    """
+    batch_sizes = [int(b) for b in batch_sizes]
+    check_lengths(model, prompt_len, gen_tokens, batch_sizes, repeats)
     was_training = model.training
     model.eval()
     device = model.device
     vocab = min(len(tokenizer), model.config.vocab_size) if tokenizer is not None else model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)
-    mask = torch.ones_like(prompt)
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    out = {"efficiency/params": sum(p.numel() for p in model.parameters()),
+           "efficiency/checkpoint_bytes": safetensors_bytes(unique_state_dict(model), {"format": "pt"}),
+           "efficiency/prompt_len": prompt_len, "efficiency/gen_tokens": gen_tokens,
+           "efficiency/device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    stopwatch = Stopwatch(device, repeats)
-    prefill_s = stopwatch(lambda: model(input_ids=prompt, attention_mask=mask, use_cache=True))
-    generate_s = stopwatch(lambda: model.generate(
-        input_ids=prompt, attention_mask=mask, do_sample=False, use_cache=True,
-        max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, pad_token_id=pad_id))
+    try:
+        for i, batch in enumerate(batch_sizes):
+            prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+            times = measure(model, prompt, gen_tokens, repeats, warmup)
+            out.update({f"efficiency/bs{batch}/{k}": v for k, v in times.items()})
+            if i == 0:
+                out.update({f"efficiency/{k}": v for k, v in times.items()})
+    finally:
+        model.train(was_training)
     memory, memory_kind = peak_memory_mb(device)
-    model.train(was_training)
-
-    new_tokens = batch_size * gen_tokens
-    # The first new token comes out of the prefill; the other gen_tokens-1 are cached decode steps.
-    decode_step_s = max(generate_s - prefill_s, 0.0) / (gen_tokens - 1)
-    return {
-        "efficiency/params": sum(p.numel() for p in model.parameters()),
-        "efficiency/checkpoint_bytes": safetensors_bytes(unique_state_dict(model), {"format": "pt"}),
-        "efficiency/prefill_latency_ms": prefill_s * 1e3,
-        "efficiency/prefill_tokens_per_s": batch_size * prompt_len / prefill_s,
-        "efficiency/generate_latency_ms": generate_s * 1e3,
-        "efficiency/generate_tokens_per_s": new_tokens / generate_s,
-        "efficiency/decode_ms_per_token": decode_step_s * 1e3,
-        "efficiency/peak_memory_mb": memory,
-        "efficiency/peak_memory_kind": memory_kind,
-    }
+    return out | {"efficiency/peak_memory_mb": memory, "efficiency/peak_memory_kind": memory_kind}

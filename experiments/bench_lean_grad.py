@@ -1,0 +1,247 @@
+"""Memory and time of Taylor scoring: before this change, streaming (default) and lean mode.
+
+    flock /tmp/prune_lab_heavy.lock python experiments/bench_lean_grad.py --shape 1b --tokens 128,512
+    python experiments/bench_lean_grad.py --shape llama3_8b --tokens 2048 --batches 4   # on a GPU
+
+Every (mode, tokens) cell runs in a fresh process, so CPU peak RSS (ru_maxrss) is that cell's own;
+on CUDA the peak is torch.cuda.max_memory_allocated. Modes:
+  bare     one forward+backward per batch, decoder-linear grads dropped (the floor to compare with)
+  before   the pre-change loop: backward, then grad_sum += p.grad.float() and (θ·g)² per unit
+  default  importance=taylor_2nd (gradients folded by post-accumulate-grad hooks, sums on device)
+  lean     + importance.offload=true importance.gradient_checkpointing=true
+`--profile` also writes a per-phase breakdown of `before` and `default` on the same shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from prune_lab.adapter import layer_views  # noqa: E402
+from prune_lab.importance import Taylor  # noqa: E402
+from prune_lab.scores import add_into, reduce_to_units  # noqa: E402
+
+SHAPES = {
+    "mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),                   # TinyLlama-1.1B
+    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+}
+MODES = ("bare", "before", "default", "lean")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(shape: str, dtype: torch.dtype):
+    config = AutoConfig.for_model("llama", **SHAPES[shape], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with device():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def decoder_params(model):
+    return [p for v in layer_views(model) for lin in (v.attn.q, v.attn.k, v.attn.v, v.attn.o,
+                                                      v.mlp.gate, v.mlp.up, v.mlp.down)
+            for p in lin.parameters()]
+
+
+def set_trainable(model, params):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+
+def bare(model, batches, phases):
+    set_trainable(model, decoder_params(model))
+    for b in batches:
+        with phase(phases, "forward"):
+            loss = model(b, labels=b, use_cache=False).loss
+        with phase(phases, "backward"):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+
+def before(model, batches, phases):
+    """The scoring loop as it was before the streaming hooks (taylor_2nd), phase by phase."""
+    views = layer_views(model)
+    params = decoder_params(model)
+    set_trainable(model, params)
+    with phase(phases, "allocate fp32 sums"):
+        grad_sum = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
+    fisher = None
+    for b in batches:
+        with phase(phases, "forward"):
+            loss = model(b, labels=b).loss
+        with phase(phases, "backward"):
+            loss.backward()
+        with torch.no_grad():
+            with phase(phases, "grad_sum += grad.float()"):
+                for p in params:
+                    grad_sum[p] += p.grad.float()
+            with phase(phases, "(θ·g)² per unit"):
+                fisher = add_into(fisher, reduce_to_units(
+                    views, lambda lin, n: (getattr(lin, n).float() * getattr(lin, n).grad.float()) ** 2))
+        model.zero_grad(set_to_none=True)
+    with torch.no_grad(), phase(phases, "final |θ·ḡ| per unit"):
+        reduce_to_units(views, lambda lin, n: (getattr(lin, n).float() * grad_sum[getattr(lin, n)]
+                                               / len(batches)).abs())
+
+
+class phase:
+    def __init__(self, table, name):
+        self.table, self.name = table, name
+
+    def __enter__(self):
+        sync()
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        sync()
+        self.table[self.name] = self.table.get(self.name, 0.0) + time.perf_counter() - self.t
+
+
+def streaming(options):
+    def run(model, batches, phases):
+        with phase(phases, "score (forward+backward+hooks+final)"):
+            Taylor(second_order=True, **options)(model, batches)
+    return run
+
+
+RUNNERS = {"bare": bare, "before": before, "default": streaming({}),
+           "lean": streaming({"offload": True, "gradient_checkpointing": True})}
+
+
+def peak_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=gen).to(device())
+               for _ in range(args.batches)]
+    with torch.no_grad():                           # warm-up kernels without growing the peak
+        model(batches[0][:, :8], use_cache=False)
+    if torch.cuda.is_available():
+        bare(model, batches[:1], {})
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = peak_bytes()
+    runs = []
+    for _ in range(args.repeats):                   # the same mode again: same peak, less timing noise
+        phases: dict = {}
+        start = time.perf_counter()
+        RUNNERS[args.mode](model, batches, phases)
+        sync()
+        runs.append((time.perf_counter() - start, phases))
+    seconds, phases = min(runs, key=lambda r: r[0])
+    return {"mode": args.mode, "tokens": args.tokens, "seconds": seconds,
+            "peak_gib": peak_bytes() / 2**30, "peak_after_build_gib": rss_before / 2**30,
+            "weights_gib": weights / 2**30, "phases": phases}
+
+
+def cell(args, mode: str, tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--tokens", str(tokens),
+           "--shape", args.shape, "--batches", str(args.batches), "--dtype", args.dtype,
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or [""])[-1]
+        result = {"mode": mode, "tokens": tokens, "error": f"exit {out.returncode} {last}".strip()}
+        print(json.dumps(result), flush=True)
+        return result
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def report(args, results, profile) -> str:
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores), peak RSS"
+    lines = [f"# Taylor scoring memory: {args.shape} Llama shape, {args.dtype}, {where}", "",
+             f"`{' '.join(sys.argv)}` — {args.batches} calibration batches of 1×tokens, taylor_2nd; time = "
+             f"fastest of {args.repeats} runs after a forward warm-up.", "",
+             "| tokens/batch | mode | peak (GiB) | time (s) | time / bare fwd+bwd |", "|---|---|---|---|---|"]
+    for tokens in args.token_list:
+        base = next((r for r in results if r["mode"] == "bare" and r["tokens"] == tokens and "error" not in r),
+                    None)
+        for r in (r for r in results if r["tokens"] == tokens):
+            if "error" in r:
+                lines.append(f"| {tokens} | {r['mode']} | failed: {r['error'][:80]} | | |")
+                continue
+            rel = f"{r['seconds'] / base['seconds']:.2f}×" if base else "n/a"
+            lines.append(f"| {tokens} | {r['mode']} | {r['peak_gib']:.2f} | {r['seconds']:.1f} | {rel} |")
+    done = [r for r in results if "error" not in r]
+    if done:
+        lines += ["", f"Weights alone: {done[0]['weights_gib']:.2f} GiB; process peak after building the "
+                      f"model, before scoring: {done[0]['peak_after_build_gib']:.2f} GiB."]
+    if profile:
+        lines += ["", "## Where the time goes (seconds per phase, summed over batches)", ""]
+        for r in profile:
+            total = sum(r["phases"].values())
+            lines += [f"**{r['mode']}** ({r['tokens']} tokens/batch, {r['seconds']:.2f} s):", "",
+                      "| phase | s | share |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in r["phases"].items()]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1b", choices=list(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tokens", default="128,512", help="tokens per calibration batch (comma list)")
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest is reported")
+    ap.add_argument("--profile", default=None, help="also profile phases on this shape (e.g. mid)")
+    ap.add_argument("--out", default="experiments/results/lean_grad.md")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="default", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (1: a shared machine's oversubscribed OpenMP barriers cost 10x)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        args.tokens = int(args.tokens)
+        print(json.dumps(worker(args)))
+        return
+    args.token_list = [int(t) for t in args.tokens.split(",")]
+    results = [cell(args, m, t) for t in args.token_list for m in args.modes.split(",")]
+    profile = []
+    if args.profile:
+        shape = args.shape
+        args.shape = args.profile
+        profile = [cell(args, m, args.token_list[-1]) for m in ("bare", "before", "default")]
+        args.shape = shape
+    text = report(args, results, [p for p in profile if "error" not in p])
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
