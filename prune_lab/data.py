@@ -107,13 +107,21 @@ class HubText(TextDataset):
             ) from e
 
 
+def known_datasets() -> list[str]:
+    return sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
+
+
+def check_dataset_name(name) -> None:
+    """A name from conf/data, never a path (`../../x` must not instantiate any YAML on disk)."""
+    if str(name) not in known_datasets():
+        raise PruneLabError(f"unknown dataset '{name}': choose one of {', '.join(known_datasets())}")
+
+
 def load_named(name: str):
     """Instantiate conf/data/<name>.yaml (the config group doubles as the dataset registry)."""
     from hydra.utils import instantiate
+    check_dataset_name(name)
     path = CONF_DATA / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONF_DATA.glob("*.yaml")))
-        raise PruneLabError(f"unknown dataset '{name}': choose one of {known}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
     node = OmegaConf.create({k: v for k, v in raw.items() if k != "defaults"})
     for entry in raw.get("defaults", []):     # e.g. /schema/data/hub@_here_ -> typed merge

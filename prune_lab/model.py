@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .adapter import check_supported
@@ -31,6 +33,24 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or os.path.exists(path)
 
 
+@contextmanager
+def load_errors(path: str):
+    """Corrupt weights, an unreachable hub, refused custom code -> one PruneLabError line."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise PruneLabError(f"cannot load model '{path}': corrupt or truncated safetensors "
+                            f"({str(e).splitlines()[0]})") from e
+    except OSError as e:
+        where = "" if _looks_local(path) else "not found locally and the hub is unreachable or refused it "
+        raise PruneLabError(f"cannot load model '{path}': {where}({str(e).splitlines()[0]})") from e
+    except ValueError as e:
+        if "custom code" not in str(e) and "trust_remote_code" not in str(e):
+            raise
+        raise PruneLabError(f"model '{path}' ships its own Python code: prune_lab runs it only with "
+                            f"model.trust_remote_code=true on this model (for repos you trust)") from e
+
+
 class HFModel:
     """Any local directory or hub id, through AutoModelForCausalLM / AutoTokenizer."""
 
@@ -53,24 +73,20 @@ class HFModel:
     def load(self):
         self._check_path()
         path = str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
-        try:
+        with load_errors(self.path):
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=self.dtype, attn_implementation=self.attn_implementation,
                 trust_remote_code=self.trust_remote_code, revision=self.revision)
             tokenizer = self.load_tokenizer()
-        except OSError as e:
-            raise PruneLabError(
-                f"cannot load model '{self.path}': not found locally and the Hugging Face hub is "
-                f"unreachable or refused it ({str(e).splitlines()[0]})") from e
         check_supported(model)
         return model.to(self.device).eval(), tokenizer
 
-    def load_tokenizer(self):
+    def load_tokenizer(self, config=None):
         tok_path = self.tokenizer_path
         if _looks_local(tok_path):
             tok_path = str(Path(tok_path).expanduser())
         tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=self.trust_remote_code,
-                                            revision=self.revision)
+                                            revision=self.revision, config=config)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -139,11 +155,18 @@ class RandomModel(HFModel):
 
 
 class PrunedModel(HFModel):
-    """A checkpoint written by prune_lab (output.save_model=true), rebuilt from its manifest."""
+    """A checkpoint written by prune_lab (output.save_model=true), rebuilt from its manifest.
+
+    The model is built from transformers' own classes: a checkpoint's Python files never run for
+    it. Its tokenizer's code runs only with model.trust_remote_code=true on this model, and gets
+    the checkpoint's config as read without code, so the checkpoint's config code never runs.
+    """
 
     def load(self):
         from .checkpoint import load_pruned
         self._check_path()
         model = load_pruned(self.path, dtype=self.dtype, device=self.device,
                             attn_implementation=self.attn_implementation)
-        return model.eval(), self.load_tokenizer()
+        with load_errors(self.path):
+            tokenizer = self.load_tokenizer(config=model.config if self.tokenizer_path == self.path else None)
+        return model.eval(), tokenizer

@@ -22,9 +22,10 @@ from .dense import load_dense
 from .errors import PruneLabError
 from .export import export_hf, shared_shape
 from .layer_table import layer_table, write_layer_table
-from .prune import apply_plan, max_logit_difference
+from .prune import apply_plan
 from .reconstruct import summarize, write_errors
 from .record import RunRecord
+from .verify import require_passed, verify_pruning
 
 log = logging.getLogger("prune_lab")
 STRUCTURED, NO_QUANT = "prune_lab.method.Structured", "prune_lab.quant.NoQuant"
@@ -96,6 +97,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
     reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
     check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
+    allocator.eligible(layer_views(model))          # layer range, eval windows: fail before scoring
+    evaluator.check_data(eval_sets, streams)
 
     if evaluator.before:
         with record.stage("eval_dense"):
@@ -152,8 +155,9 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     record["model"]["layers"] = layer_shapes(model)
     if dense_copy is not None:
         with record.stage("verify"):
-            record["verify"] = {"max_logit_diff": max_logit_difference(model, dense_copy, plan, batches[0])}
+            record["verify"] = verify_pruning(model, dense_copy, plan, batches[0])
         del dense_copy
+        require_passed(record["verify"])
 
     with record.stage("recover"):
         train_stream = streams(dataset, getattr(finetuner, "split", "train"))

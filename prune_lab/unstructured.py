@@ -37,6 +37,7 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
         for ds in {id(d): d for d in (dataset, *eval_sets.values())}.values():
             ds.text(calibration.split if ds is dataset else evaluator.ppl["split"])  # fail fast if unreachable
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
+        evaluator.check_data(eval_sets, streams)
         torch.manual_seed(cfg.seed)
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
 

@@ -334,7 +334,14 @@ def test_scores_of_another_model_are_refused(fine):
         Depth(n_layers=1)(scores, views, torch.ones(4))
 
 
-@pytest.mark.parametrize("start, end", [(0, 7), (4, 2), (-1, 3), (6, None)])
+@pytest.mark.parametrize("start, end", [(4, 2), (-1, 3), (3, 3)])
+def test_empty_or_negative_layer_range_fails_when_built(start, end):
+    for cls in (Uniform, Global, Layerwise, Depth):          # configuration only: before any model
+        with pytest.raises(PruneLabError, match="empty or negative"):
+            cls(0.1, layer_start=start, layer_end=end)
+
+
+@pytest.mark.parametrize("start, end", [(0, 7), (6, None)])
 def test_layer_range_outside_the_model(fine, start, end):
     views, scores = fine
     for allocator in (Uniform(0.1, layer_start=start, layer_end=end),

@@ -54,6 +54,9 @@ class Allocator:
             raise PruneLabError(f"allocator.ratio must be in [0, 1), got {ratio}")
         if multiple_of < 1:
             raise PruneLabError(f"allocator.multiple_of must be >= 1, got {multiple_of}")
+        if layer_start < 0 or (layer_end is not None and layer_end <= layer_start):
+            raise PruneLabError(f"layer range [{layer_start}, {layer_end}) is empty or negative: "
+                                f"need 0 <= allocator.layer_start < allocator.layer_end")
         self.ratio, self.layer_start, self.layer_end = ratio, layer_start, layer_end
         self.multiple_of = multiple_of       # kept widths on multiples of it: applied by align.align_plan
 

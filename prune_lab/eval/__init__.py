@@ -1,6 +1,7 @@
 """Evaluation (twin of conf/eval/*.yaml): perplexity, zero-shot, efficiency."""
 from __future__ import annotations
 
+from .checks import check_ppl_data, check_ppl_settings
 from .ppl import perplexity
 
 
@@ -10,9 +11,11 @@ class Evaluator:
     def __init__(self, before: bool = False, ppl: dict | None = None,
                  zeroshot: dict | None = None, efficiency: dict | None = None):
         self.before, self.ppl, self.zeroshot, self.efficiency = before, ppl, zeroshot, efficiency
-        if zeroshot and zeroshot.get("tasks"):    # a missing extra fails at build time, not after pruning
-            from .zeroshot import import_lm_eval
-            import_lm_eval()
+        if ppl:
+            check_ppl_settings(ppl)
+        if zeroshot and zeroshot.get("tasks"):    # missing extra, unknown task, unreachable data: fail now
+            from .zeroshot import resolve_tasks
+            resolve_tasks(zeroshot["tasks"], zeroshot.get("include_path"))
 
     def __call__(self, model, tokenizer, datasets: dict, streams, tag: str = "") -> dict:
         """datasets: name -> TextDataset; streams: TokenStreams of the tokenizer."""
@@ -30,6 +33,11 @@ class Evaluator:
             from .efficiency import efficiency
             out.update(efficiency(model, tokenizer, **self.efficiency))
         return out
+
+    def check_data(self, datasets: dict, streams) -> None:
+        """After loading, before scoring: every evaluated split holds a window of seq_len tokens."""
+        if self.ppl:
+            check_ppl_data(self.ppl, datasets, streams)
 
     def dataset_names(self) -> list[str]:
         return list(self.ppl["datasets"]) if self.ppl else []

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import PruneLabError
+
 
 def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Cut a 1-D token stream into [n, seq_len] non-overlapping windows; the remainder is dropped."""
@@ -39,4 +41,8 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch_size: int 
         s, c = nll_sum(model, batch)
         total, count = total + s, count + c
     model.train(was_training)
-    return math.exp(total / count)
+    nll = total / count
+    if math.isnan(nll):
+        raise PruneLabError(f"{desc}: the mean NLL is NaN (NaN/inf logits: fp16 overflow? use "
+                            f"model.dtype=bfloat16 or float32)")
+    return math.exp(nll) if nll < 700 else math.inf

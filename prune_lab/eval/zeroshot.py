@@ -86,16 +86,48 @@ def flatten_results(results: dict, tasks: list[str]) -> dict:
 DATA_ERRORS = (ConnectionError, OSError)
 
 
-def zero_shot(model, tokenizer, tasks: list[str], num_fewshot: int = 0, batch_size: int = 8,
-              limit: int | None = None, include_path: str | None = None) -> dict:
-    lm_eval, HFLM, TaskManager = import_lm_eval()
+def unreachable(tasks: list[str], e: BaseException) -> DataUnavailable:
+    first_line = (str(e).splitlines() or [""])[0][:200]
+    return DataUnavailable(
+        f"lm-eval task data for {', '.join(tasks)} are unreachable ({type(e).__name__}: {first_line}). "
+        f"Offline? Pre-fill HF_DATASETS_CACHE, or use local tasks via eval.zeroshot.include_path")
+
+
+_RESOLVED: dict[tuple, object] = {}
+
+
+def resolve_tasks(tasks: list[str], include_path: str | None = None):
+    """The task manager, once every task name is known and its data loads (cached or downloaded).
+
+    Called when the evaluator is built, so a misspelt or unreachable task fails before any scoring;
+    remembered per process, so the evaluation itself does not index the tasks again.
+    """
     tasks = list(tasks)
+    key = (tuple(tasks), include_path)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    _, _, TaskManager = import_lm_eval()
     if not tasks:
         raise PruneLabError("eval.zeroshot.tasks is empty: name at least one lm-eval task")
     if include_path and not Path(include_path).expanduser().is_dir():
         raise PruneLabError(f"eval.zeroshot.include_path '{include_path}' is not a directory")
     task_manager = task_manager_for(TaskManager, tasks, include_path)
     check_task_names(task_manager, tasks, include_path)
+    from lm_eval.tasks import get_task_dict
+    try:
+        with preserved_rng():
+            get_task_dict(tasks, task_manager)       # builds each task: loads its data
+    except DATA_ERRORS as e:
+        raise unreachable(tasks, e) from e
+    _RESOLVED[key] = task_manager
+    return task_manager
+
+
+def zero_shot(model, tokenizer, tasks: list[str], num_fewshot: int = 0, batch_size: int = 8,
+              limit: int | None = None, include_path: str | None = None) -> dict:
+    lm_eval, HFLM, _ = import_lm_eval()
+    tasks = list(tasks)
+    task_manager = resolve_tasks(tasks, include_path)
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -105,11 +137,7 @@ def zero_shot(model, tokenizer, tasks: list[str], num_fewshot: int = 0, batch_si
                                               limit=limit, task_manager=task_manager,
                                               log_samples=False)
     except DATA_ERRORS as e:
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        raise DataUnavailable(
-            f"lm-eval task data for {', '.join(tasks)} are unreachable ({type(e).__name__}: {first_line}). "
-            f"Offline? Pre-fill HF_DATASETS_CACHE, or use local tasks via eval.zeroshot.include_path"
-        ) from e
+        raise unreachable(tasks, e) from e
     finally:
         model.train(was_training)
     return flatten_results(results, tasks)
