@@ -16,6 +16,7 @@ import torch.nn as nn
 from transformers import MistralConfig
 
 from .adapter import NO_GATE_FAMILIES, decoder_layers, head_dim_of, layer_shapes, model_family
+from .atomic import atomic_dir
 from .errors import PruneLabError
 
 log = logging.getLogger("prune_lab")
@@ -74,15 +75,16 @@ def export_hf(model: nn.Module, tokenizer, path) -> dict:
     config.prune_lab = {"exported_from": model.config.model_type,
                         "removed_layers": list(recorded.get("removed_layers", []))}
     architectures = list(config.architectures)
-    dense_config, model.config = model.config, config     # save_pretrained writes model.config
-    try:
-        model.save_pretrained(path)
-    finally:
-        model.config = dense_config
-    config.architectures = architectures                   # save_pretrained names the in-memory class
-    config.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    with atomic_dir(path) as tmp:                          # complete, or not there at all
+        dense_config, model.config = model.config, config     # save_pretrained writes model.config
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.config = dense_config
+        config.architectures = architectures                   # save_pretrained names the in-memory class
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return {"path": str(path), "architecture": config.architectures[0],
             "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size}
