@@ -88,11 +88,12 @@ def export_config(model: nn.Module, manifest: dict):
     return config
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None) -> Path:
     """Write model.safetensors, config.json (with `prune_lab` manifest) and the tokenizer.
 
     Written into a temporary sibling that is renamed to `path` when complete (replacing an older
     checkpoint there), so a kill or a full disk never leaves a half-written checkpoint.
+    extra(tmp_dir), if given, writes further files into it before the rename.
     """
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
@@ -107,6 +108,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return path
 
 

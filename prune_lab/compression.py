@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import layer_views, view_linears
+from .atomic import atomic_path
 from .quant import RowQuantizer, bit_histogram, quantize_rtn
 
 FILE, META = "compression.safetensors", "compression.json"
@@ -148,7 +149,8 @@ def load_compression(path: str | Path) -> tuple[dict, dict, dict]:
 
 def write_tables(run_dir: Path, table: pd.DataFrame, summary: dict) -> None:
     """compression.csv (per linear) and compression.png (per-layer bits and sparsity, bit histogram)."""
-    table.to_csv(run_dir / "compression.csv", index=False)
+    with atomic_path(run_dir / "compression.csv") as tmp:
+        table.to_csv(tmp, index=False)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,5 +170,6 @@ def write_tables(run_dir: Path, table: pd.DataFrame, summary: dict) -> None:
     fig.suptitle(f"{summary['method']}: {summary['effective_bytes'] / 2**20:.2f} MiB effective vs "
                  f"{summary['dense_bytes'] / 2**20:.2f} MiB dense")
     fig.tight_layout()
-    fig.savefig(run_dir / "compression.png", dpi=110)
+    with atomic_path(run_dir / "compression.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

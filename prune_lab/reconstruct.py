@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import refit
+from .atomic import atomic_path
 from .errors import PruneLabError
 from .plan import PruningPlan
 from .prune import zero_units
@@ -147,7 +148,7 @@ def write_errors(run_dir: Path, rows: list[dict], plots: bool) -> None:
     """reconstruct.csv (layer, kind, removed, err_before, err_after) and reconstruct_error.png."""
     if not rows:
         return
-    with open(run_dir / "reconstruct.csv", "w", newline="") as f:
+    with atomic_path(run_dir / "reconstruct.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from .atomic import atomic_path
 from .dense import load_dense
 from .compression import linear_table, masks_kept, save_compression, summarise, write_tables
 from .data import load_named
@@ -59,7 +60,8 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
     if cfg.output.plots:
         write_tables(run_dir, table, summary)
     else:
-        table.to_csv(run_dir / "compression.csv", index=False)
+        with atomic_path(run_dir / "compression.csv") as tmp:
+            table.to_csv(tmp, index=False)
 
     if finetuner.enabled:
         with record.stage("recover"), masks_kept(model, method, quant):
@@ -74,8 +76,8 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
     if cfg.output.save_model:
         from .checkpoint import save_pruned
         with record.stage("save"):
-            path = save_pruned(model, tokenizer, run_dir / "model")
-            save_compression(path, method, quant, summary)
+            save_pruned(model, tokenizer, run_dir / "model",     # masks/bits inside, before the rename
+                        extra=lambda tmp: save_compression(tmp, method, quant, summary))
     record.write()
     return objective_of(results)
 

@@ -188,3 +188,20 @@ def test_no_half_written_tables_or_plots_after_a_full_disk(tmp_path, monkeypatch
     with pytest.raises(OSError), atomic_path(tmp_path / "unit_table.csv") as tmp:
         pd.DataFrame({"a": [1]}).to_csv(tmp)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_claimed_sweep_dir_travels_with_the_pickled_config(tmp_path, monkeypatch):
+    """Launchers that pickle the config to worker processes (submitit, joblib) must not claim anew."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from prune_lab import rundir
+    rundir.register_resolvers()
+    monkeypatch.setattr(rundir, "_CLAIMED", {})
+    cfg = OmegaConf.create({"dir": f"${{unique_dir:{tmp_path}/sweep}}"})
+    (tmp_path / "sweep").mkdir()                     # taken by an earlier job in the same second
+    assert cfg.dir == f"{tmp_path}/sweep_1"
+    monkeypatch.setattr(rundir, "_CLAIMED", {})     # a worker process: nothing claimed there
+    assert pickle.loads(pickle.dumps(cfg)).dir == f"{tmp_path}/sweep_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep", "sweep_1"]
