@@ -1,14 +1,16 @@
-"""`python -m prune_lab [overrides]`: the Hydra app (see conf/config.yaml)."""
+"""`python -m prune_lab [overrides]` and the `prune-lab` console script: the Hydra app (conf/config.yaml)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
+import yaml  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -20,19 +22,54 @@ from .rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
 from .rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
 from .sweep import objective_values, register_resolvers  # noqa: E402
 
+# An absolute directory: the same configs whether started as `python -m prune_lab`, as the console
+# script, from a checkout or from an installed wheel.
+CONF = Path(__file__).resolve().parent / "conf"
+EXAMPLES = (
+    "prune-lab importance=wanda allocator=layerwise layer_importance=removal allocator.distribution=2:8",
+    "prune-lab -m allocator.ratio=0.1,0.2,0.3 importance=taylor,wanda     # a sweep, one run dir per job",
+)
+
 schema.register()
 register_resolvers()
 register_run_dir_resolvers()
 log = logging.getLogger("prune_lab")
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | tuple[float, float]:
+def help_text() -> str:
+    """The groups of conf/ with their options (default starred), two examples, where to look next."""
+    defaults = {}      # the groups of config.yaml's defaults list, in its order, with their defaults
+    for entry in yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]:
+        if isinstance(entry, dict):
+            defaults.update(entry)
+    lines = ["prune_lab: structured (GQA-aware) pruning of decoder LLMs, a Hydra app.", "",
+             "usage: prune-lab [-m] [group=option ...] [key=value ...] [--cfg job] [--config-dir DIR]", "",
+             "config groups (* = default; options are prune_lab/conf/<group>/<option>.yaml):"]
+    for group in defaults:
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        shown = [f"{o}*" if o == defaults.get(group) else o for o in options]
+        lines.append(f"  {group:<17} {', '.join(shown)}")
+    lines += ["", "other keys: seed, verify, calibration.*, engine.*, output.*, cache.*, objective "
+              "(`prune-lab --cfg job` prints the whole composed job)", "", "examples:"]
+    lines += [f"  {e}" for e in EXAMPLES]
+    lines += ["", "Each job writes a run dir (outputs/<date>/<time>/, printed at the end) with metrics.json, "
+              "plan.csv, layers.csv and plots.",
+              "--config-dir DIR adds your own configs (DIR/<group>/<name>.yaml); --hydra-help: Hydra's flags."]
+    return "\n".join(lines)
+
+
+def took(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    start = time.time()
     try:
         with signals_as_interrupts():     # SIGTERM ends the job as Ctrl-C does: status interrupted
-            objective = run(cfg, run_dir)
+            result = run(cfg, run_dir)
     except PruneLabError as e:
         if hc.mode == RunMode.MULTIRUN:   # let the sweeper record a failed trial
             raise
@@ -41,8 +78,19 @@ def main(cfg: DictConfig) -> float | tuple[float, float]:
     except KeyboardInterrupt as e:        # stops a multirun too
         print(f"prune_lab: interrupted by {signal_of(e)}: {run_dir} marked interrupted", file=sys.stderr)
         sys.exit(exit_code(e))
-    log.info("objective (perplexity): %.4f", objective)
-    return objective_values(cfg.objective, objective, run_dir)
+    log.info("run dir: %s (took %s)", run_dir, took(time.time() - start))
+    if result.ppl is None:
+        return None
+    log.info("objective (perplexity): %.4f", result.ppl)
+    return objective_values(cfg.objective, result.ppl, result.params_total)
+
+
+def main() -> None:
+    """Entry point of `python -m prune_lab` and `prune-lab`: our --help, else Hydra."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(help_text())
+        return
+    hydra_main()
 
 
 if __name__ == "__main__":

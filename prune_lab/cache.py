@@ -144,8 +144,10 @@ class ScoreCache:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
-    def unit_scores(self, key: str, compute) -> tuple[UnitScores, bool]:
-        """compute() -> UnitScores. Returns (scores, reused)."""
+    def unit_scores(self, key: str, compute, enabled: bool = True) -> tuple[UnitScores, bool]:
+        """compute() -> UnitScores. Returns (scores, reused); enabled=False: compute, store nothing."""
+        if not enabled:
+            return compute(), False
         hit = self.get(key)
         if hit is not None:
             return UnitScores.from_tensors(hit), True
@@ -153,7 +155,9 @@ class ScoreCache:
         self.put(key, scores.to_tensors())
         return scores, False
 
-    def layer_scores(self, key: str, compute) -> tuple[torch.Tensor, bool]:
+    def layer_scores(self, key: str, compute, enabled: bool = True) -> tuple[torch.Tensor, bool]:
+        if not enabled:
+            return compute(), False
         hit = self.get(key)
         if hit is not None:
             return hit["layer"], True

@@ -42,15 +42,16 @@ def _no_init():
 
 # ---- save ----------------------------------------------------------------------------------
 def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict without aliases (tied embeddings): first name wins, the rest map to it."""
+    """The state dict without aliases (tied embeddings): first name wins, the rest map to it.
+    Tensors are not copied (the checkpoint writer and the size estimate both use this)."""
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
-        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride())
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         if key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+        tensors[name] = t.detach()
     return tensors, aliases
 
 
@@ -100,6 +101,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None) -> Pa
         raise CheckpointError(f"'{path}' exists and is not a checkpoint: refusing to replace it")
     manifest = manifest_of(model)
     tensors, aliases = unique_state_dict(model)
+    tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "prune_lab_aliases": json.dumps(aliases)})

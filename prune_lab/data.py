@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from .errors import DataUnavailable, PruneLabError
 
@@ -108,6 +107,10 @@ class HubText(TextDataset):
 
 
 def known_datasets() -> list[str]:
+    """conf/data options; inside the app also those of a user's --config-dir (Hydra's search path)."""
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():
+        return sorted(GlobalHydra.instance().config_loader().get_group_options("data"))
     return sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
 
 
@@ -118,17 +121,28 @@ def check_dataset_name(name) -> None:
 
 
 def load_named(name: str):
-    """Instantiate conf/data/<name>.yaml (the config group doubles as the dataset registry)."""
+    """The dataset of conf/data/<name>.yaml, composed by Hydra (typed, with the job's search path,
+    so a `--config-dir` of the user's own data configs works too): `eval.ppl.datasets=[data, ptb]`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
     from hydra.utils import instantiate
-    check_dataset_name(name)
-    path = CONF_DATA / f"{name}.yaml"
-    raw = OmegaConf.to_container(OmegaConf.load(path))
-    node = OmegaConf.create({k: v for k, v in raw.items() if k != "defaults"})
-    for entry in raw.get("defaults", []):     # e.g. /schema/data/hub@_here_ -> typed merge
-        if isinstance(entry, str) and entry.startswith("/schema/data/"):
-            from .schema import SCHEMAS
-            schema = SCHEMAS["data"][entry.split("/")[-1].split("@")[0]]
-            node = OmegaConf.merge(OmegaConf.structured(schema), node)
+    check_dataset_name(name)      # a name, never a path
+
+    from .schema import register
+    register()          # the typed schema the option extends (idempotent)
+
+    def compose_data():
+        try:
+            return compose(config_name=f"data/{name}").data     # packaged under its group
+        except MissingConfigException:
+            raise PruneLabError(f"unknown dataset '{name}': choose one of {', '.join(known_datasets())}") from None
+
+    if GlobalHydra.instance().is_initialized():      # inside the app
+        node = compose_data()
+    else:                                            # from Python: the package's configs
+        with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
+            node = compose_data()
     return instantiate(node)
 
 
@@ -156,13 +170,11 @@ class Calibration:
             raise PruneLabError("calibration needs n_samples >= 1, seq_len >= 2, batch_size >= 1")
         self.n_samples, self.seq_len, self.batch_size, self.split = n_samples, seq_len, batch_size, split
 
-    def batches(self, stream: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    def batches(self, stream: torch.Tensor, seed: int, n_samples: int | None = None) -> list[torch.Tensor]:
+        """n_samples windows (default: the configured count) of seq_len tokens, fixed by the seed."""
         if len(stream) <= self.seq_len:
             raise PruneLabError(f"calibration split has {len(stream)} tokens, fewer than seq_len={self.seq_len}")
         gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(stream) - self.seq_len, (self.n_samples,), generator=gen)
+        starts = torch.randint(0, len(stream) - self.seq_len, (n_samples or self.n_samples,), generator=gen)
         windows = torch.stack([stream[s:s + self.seq_len] for s in starts.tolist()])
         return list(windows.split(self.batch_size))
-
-    def describe(self) -> dict:
-        return {"n_samples": self.n_samples, "seq_len": self.seq_len, "split": self.split}

@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_text_atomic
 from .errors import PruneLabError
+from .schema import DECODER_LINEARS
 
 
 class NoFinetune:
     """No recovery: the pruned model is evaluated as is."""
 
     enabled = False
+    split = None
 
     def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None) -> dict:
         return {}
@@ -94,7 +96,7 @@ class Trainer:
 
     def __init__(self, lr: float = 2e-4, max_steps: int = 200, epochs: int | None = None,
                  batch_size: int = 8, seq_len: int = 256, split: str = "train",
-                 weight_decay: float = 0.0, warmup_steps: int = 10, grad_clip: float = 1.0):
+                 weight_decay: float = 0.0, warmup_steps: int = 20, grad_clip: float = 1.0):
         if lr <= 0 or batch_size < 1 or seq_len < 2 or warmup_steps < 0 or grad_clip < 0:
             raise PruneLabError("finetune needs lr > 0, batch_size >= 1, seq_len >= 2, "
                                 "warmup_steps >= 0, grad_clip >= 0 (0 = off)")
@@ -163,6 +165,9 @@ class Full(Trainer):
 
     method = "full"
 
+    def __init__(self, lr: float = 5e-5, **train):
+        super().__init__(lr=lr, **train)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -175,8 +180,9 @@ class LoRA(Trainer):
     method = "lora"
 
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | tuple[str, ...] = (), **train):
-        super().__init__(**train)
+                 target_modules: list[str] | tuple[str, ...] = tuple(DECODER_LINEARS), lr: float = 2e-3,
+                 **train):
+        super().__init__(lr=lr, **train)
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1 or not target_modules:
             raise PruneLabError("finetune=lora needs r >= 1, alpha > 0, 0 <= dropout < 1 "
                                 "and at least one target module")

@@ -5,10 +5,13 @@ forward/backward per batch for all layers at once; accumulators are fp32.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
 from .adapter import decoder_layers, layer_views
+from .errors import PruneLabError
 from .gradients import GradientStatistics, checkpointed
 from .scores import UnitScores, reduce_to_units
 
@@ -23,22 +26,18 @@ def _param(lin, name):
 
 
 class Importance:
-    """Base class; `needs_data` tells the pipeline whether calibration batches are used."""
+    """Base class. `cacheable`: the pipeline may keep the scores in the score cache."""
 
-    needs_data = True
+    cacheable = True
     name = "importance"
 
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        return {"name": self.name}
-
 
 class Magnitude(Importance):
     """L1 norm of every weight of the unit: sum |θ|."""
 
-    needs_data = False
     name = "magnitude"
 
     @torch.no_grad()
@@ -49,7 +48,6 @@ class Magnitude(Importance):
 class Random(Importance):
     """Uniform random unit scores from the job seed (the baseline every criterion must beat)."""
 
-    needs_data = False
     name = "random"
 
     def __call__(self, model, batches=None, seed: int = 0) -> UnitScores:
@@ -75,9 +73,6 @@ class Taylor(Importance):
         self.second_order, self.offload = second_order, offload
         self.gradient_checkpointing = gradient_checkpointing
         self.name = "taylor_2nd" if second_order else "taylor"
-
-    def describe(self) -> dict:
-        return {"name": self.name, "second_order": self.second_order}
 
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
         views = layer_views(model)
@@ -177,3 +172,33 @@ class Flap(Importance):
             attn.append(o.reshape(v.attn.num_kv_heads, -1).sum(1).cpu())
             mlp.append((s["mlp.down"].var * v.mlp.down.weight.float().pow(2).sum(0)).cpu())
         return UnitScores(attn, mlp)
+
+
+class FromFile(Importance):
+    """Unit scores saved by an earlier run (scores.safetensors; a run dir also works): analyse once,
+    prune many times. Shapes are checked against the model by the allocator."""
+
+    cacheable = False
+    name = "file"
+
+    def __init__(self, path: str):
+        self.path = scores_file(path, "scores.safetensors")
+
+    def __call__(self, model, batches=None, seed: int = 0) -> UnitScores:
+        try:
+            scores = UnitScores.load(self.path)
+        except Exception as e:     # not a safetensors file
+            raise PruneLabError(f"'{self.path}' is not a unit-score file: {type(e).__name__}") from None
+        if not scores.attn:
+            raise PruneLabError(f"'{self.path}' holds no unit scores (attn.<i>/mlp.<i> tensors)")
+        return scores
+
+
+def scores_file(path: str, default_name: str) -> Path:
+    """`path`, or `path/default_name` when path is a run dir; fails at build time if missing."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / default_name
+    if not p.is_file():
+        raise PruneLabError(f"score file '{p}' does not exist (run an analyse job first: allocator=none)")
+    return p

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .dense import load_dense
 from .errors import PruneLabError
 from .export import export_hf, shared_shape
 from .layer_table import layer_table, write_layer_table
+from .plan import PruningPlan
 from .prune import apply_plan
 from .reconstruct import summarize, write_errors
 from .record import RunRecord
@@ -47,17 +49,29 @@ def model_stats(model) -> dict:
             "num_layers": len(layer_views(model))}
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Run one job; metrics.json says running -> ok | failed | interrupted. Returns the objective (PPL)."""
+@dataclass
+class JobResult:
+    """What a job hands back: the final evaluation (after recovery if any) and the model's size."""
+    results: dict
+    params_total: int
+
+    @property
+    def ppl(self) -> float | None:
+        """The value sweepers minimise: perplexity on the first evaluated dataset (None if none)."""
+        return next((float(v) for k, v in self.results.items() if k.startswith("ppl/")), None)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> JobResult:
+    """Run one job; metrics.json says running -> ok | failed | interrupted."""
     run_dir = Path(run_dir)
     record = RunRecord(run_dir)
     try:
-        objective = _recipe(cfg)(cfg, run_dir, record)
+        result = _recipe(cfg)(cfg, run_dir, record)
     except BaseException as e:
         record.fail(e)
         raise
     record.finish("ok")
-    return objective
+    return result
 
 
 def _recipe(cfg: DictConfig):
@@ -71,7 +85,7 @@ def _recipe(cfg: DictConfig):
     return run_unstructured
 
 
-def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> JobResult:
     torch.manual_seed(cfg.seed)
     # Build every component first, so bad configuration fails before any heavy work.
     loader = build(cfg.model)
@@ -79,25 +93,32 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
     calibration = build(cfg.calibration)
     importance = build(cfg.importance)
     layer_importance = build(cfg.layer_importance) if cfg.layer_importance else None
-    allocator = build(cfg.allocator)
+    allocator = build(cfg.allocator) if cfg.allocator else None      # allocator=none: analyse only
     reconstructor, engine = build(cfg.reconstruct), build(cfg.engine)
     finetuner = build(cfg.finetune)
     evaluator = build(cfg.eval, _convert_="all")
     cache = ScoreCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    if allocator.needs_layer_importance and layer_importance is None:
+    if allocator is not None and allocator.needs_layer_importance and layer_importance is None:
         raise PruneLabError(f"{type(allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
+    prunes = allocator is not None and not allocator.removes_nothing   # ratio 0: evaluate only
+    want_units = allocator is None or (prunes and allocator.needs_unit_scores)
+    want_layers = layer_importance is not None and (allocator is None or prunes)
+    recovers = allocator is not None and finetuner.enabled
 
     with record.stage("load"):
         eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
-        for ds in {id(d): d for d in (dataset, *eval_sets.values())}.values():
-            ds.text(calibration.split if ds is dataset else evaluator.ppl["split"])  # fail fast if unreachable
+        if want_units or want_layers:
+            dataset.text(calibration.split)            # fail fast if unreachable
+        for ds in {id(d): d for d in eval_sets.values()}.values():
+            ds.text(evaluator.split)
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
         torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
     reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
-    check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
-    allocator.eligible(layer_views(model))          # layer range, eval windows: fail before scoring
+    if prunes:
+        check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
+        allocator.eligible(layer_views(model))      # layer range, eval windows: fail before scoring
     evaluator.check_data(eval_sets, streams)
 
     if evaluator.before:
@@ -105,70 +126,88 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
             record["dense"] = evaluator(model, tokenizer, eval_sets, streams, tag="dense")
         log.info("dense:  %s", _fmt(record["dense"]))
 
-    with record.stage("score"):
-        cal_stream = streams(dataset, calibration.split)
-        record["data_fingerprint"] = {"calibration": dataset.fingerprint(calibration.split)}
-        batches = calibration.batches(cal_stream, cfg.seed)
-        base_key = {"model": model_fingerprint(model), "tokens": tokens_fingerprint(batches),
-                    "seed": cfg.seed}
-        scores, reused = cache.unit_scores(
-            cache_key(**base_key, importance=OmegaConf.to_container(cfg.importance, resolve=True)),
-            lambda: importance(model, batches, cfg.seed))
-        scores.check_finite()
-        layer_scores, layer_reused = None, None
-        if layer_importance is not None:
-            layer_scores, layer_reused = cache.layer_scores(
-                cache_key(**base_key, layer=OmegaConf.to_container(cfg.layer_importance, resolve=True)),
-                lambda: layer_importance(model, batches))
-    record["scores"] = {"reused": reused, "layer_reused": layer_reused}
-    if cfg.output.save_scores:
-        scores.save(run_dir / "scores.safetensors")
+    scores = layer_scores = None
+    record["scores"] = {"reused": None, "layer_reused": None}
+    if want_units or want_layers:
+        with record.stage("score"):
+            cal_stream = streams(dataset, calibration.split)
+            record["data_fingerprint"] = {"calibration": dataset.fingerprint(calibration.split)}
+            fingerprint = model_fingerprint(model)
+            if want_units:
+                batches = calibration.batches(cal_stream, cfg.seed)
+                key = cache_key(model=fingerprint, tokens=tokens_fingerprint(batches), seed=cfg.seed,
+                                importance=OmegaConf.to_container(cfg.importance, resolve=True))
+                scores, record["scores"]["reused"] = cache.unit_scores(
+                    key, lambda: importance(model, batches, cfg.seed), enabled=importance.cacheable)
+                scores.check_finite()
+            if want_layers:
+                layer_batches = calibration.batches(cal_stream, cfg.seed, layer_importance.n_samples)
+                key = cache_key(model=fingerprint, tokens=tokens_fingerprint(layer_batches), seed=cfg.seed,
+                                layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
+                layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
+                    key, lambda: layer_importance(model, layer_batches), enabled=layer_importance.cacheable)
+        if cfg.output.save_scores:
+            save_scores(run_dir / "scores.safetensors", scores, layer_scores)
 
-    with record.stage("allocate"):
-        views = layer_views(model)
-        plan = align_plan(allocator(scores, views, layer_scores), scores, views, allocator.multiple_of)
-        plan.save(run_dir / "plan.csv")
-        if getattr(allocator, "table", None) is not None:
-            with atomic_path(run_dir / "unit_table.csv") as tmp:
-                allocator.table.to_csv(tmp, index=False)
-        write_layer_table(run_dir, layer_table(views, plan, layer_scores),
-                          layer_importance.name if layer_importance else None)
-    record["plan"] = plan.summary(views)
-    log.info("plan:   %d KV groups, %d MLP channels, layers %s removed = %d params (%.2f%% of decoder)",
-             record["plan"]["groups_removed"], record["plan"]["channels_removed"],
-             record["plan"]["layers_removed"], record["plan"]["params_removed"],
-             100 * record["plan"]["achieved_ratio"])
+    views = layer_views(model)
+    plan = None
+    if allocator is not None:
+        with record.stage("allocate"):
+            plan = allocator(scores, views, layer_scores) if prunes else PruningPlan()
+            if scores is not None:        # widths on multiples of allocator.multiple_of (depth: whole layers)
+                plan = align_plan(plan, scores, views, allocator.multiple_of)
+            plan.save(run_dir / "plan.csv")
+            if allocator.table is not None:
+                with atomic_path(run_dir / "unit_table.csv") as tmp:
+                    allocator.table.to_csv(tmp, index=False)
+        record["plan"] = plan.summary(views)
+        log.info("plan:   %d KV groups, %d MLP channels, layers %s removed = %d params (%.2f%% of decoder)",
+                 record["plan"]["groups_removed"], record["plan"]["channels_removed"],
+                 record["plan"]["layers_removed"], record["plan"]["params_removed"],
+                 100 * record["plan"]["achieved_ratio"])
+    write_layer_table(run_dir, layer_table(views, plan, layer_scores),
+                      layer_importance.name if layer_scores is not None else None)
 
-    if reconstructor.enabled:
+    if prunes and reconstructor.enabled:
         with record.stage("reconstruct"):
+            batches = calibration.batches(streams(dataset, calibration.split), cfg.seed)
             plan, rows = reconstructor(model, plan, batches, engine)
             plan.save(run_dir / "plan.csv")      # the units actually removed (obs chooses them)
         record["reconstruct"] = {"mode": reconstructor.mode, **engine.describe(), **summarize(rows)}
         write_errors(run_dir, rows, cfg.output.plots)
 
-    with record.stage("prune"):
-        dense_copy = copy.deepcopy(model) if cfg.verify else None
-        apply_plan(model, plan)
-        if cfg.output.export:
-            shared_shape(model)      # output.export=hf refuses a non-uniform model before evaluating
+    if prunes:
+        with record.stage("prune"):
+            dense_copy = copy.deepcopy(model) if cfg.verify else None
+            apply_plan(model, plan)
+            if cfg.output.export:
+                shared_shape(model)      # output.export=hf refuses a non-uniform model before evaluating
+        if dense_copy is not None:
+            with record.stage("verify"):
+                batch = calibration.batches(streams(dataset, calibration.split), cfg.seed)[0]
+                record["verify"] = verify_pruning(model, dense_copy, plan, batch)
+            del dense_copy
+            require_passed(record["verify"])
     record["model"]["pruned"] = model_stats(model)
     record["model"]["layers"] = layer_shapes(model)
-    if dense_copy is not None:
-        with record.stage("verify"):
-            record["verify"] = verify_pruning(model, dense_copy, plan, batches[0])
-        del dense_copy
-        require_passed(record["verify"])
 
-    with record.stage("recover"):
-        train_stream = streams(dataset, getattr(finetuner, "split", "train"))
-        record["finetune"] = finetuner(model, tokenizer, train_stream, seed=cfg.seed, run_dir=run_dir)
+    results = record.metrics.get("dense", {})
+    if allocator is not None:
+        if prunes or not evaluator.before:
+            with record.stage("evaluate"):
+                results = evaluator(model, tokenizer, eval_sets, streams, tag="pruned")
+        record["pruned"] = results           # ratio 0 with eval.before: the dense results, evaluated once
+        log.info("pruned: %s", _fmt(results))
+    if recovers:
+        with record.stage("recover"):
+            record["finetune"] = finetuner(model, tokenizer, streams(dataset, finetuner.split),
+                                           seed=cfg.seed, run_dir=run_dir)
+        with record.stage("evaluate_recovered"):
+            results = evaluator(model, tokenizer, eval_sets, streams, tag="recovered")
+        record["recovered"] = results
+        log.info("recovered: %s", _fmt(results))
 
-    with record.stage("evaluate"):
-        results = evaluator(model, tokenizer, eval_sets, streams, tag="pruned")
-    record["pruned"] = results
-    log.info("pruned: %s", _fmt(results))
-
-    if cfg.output.save_model:
+    if cfg.output.save_model and allocator is not None:
         from .checkpoint import save_pruned
         with record.stage("save"):
             save_pruned(model, tokenizer, run_dir / "model")
@@ -180,16 +219,19 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
         with record.stage("plots"):
             write_run_plots(run_dir, plan, scores, layer_scores, views_before=views)
     record.write()
-    return objective_of(results)
+    return JobResult(results, record["model"]["pruned"]["params_total"])
+
+
+def save_scores(path: Path, scores, layer_scores) -> None:
+    """Unit scores (attn.i / mlp.i) and layer importance ("layer") in one safetensors file."""
+    from safetensors.torch import save_file
+    tensors = scores.to_tensors() if scores is not None else {}
+    if layer_scores is not None:
+        tensors["layer"] = layer_scores.detach().cpu().float().contiguous()
+    if tensors:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
 
 
 def _fmt(results: dict) -> str:
     return "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
-
-
-def objective_of(results: dict) -> float:
-    """The value sweepers minimise: perplexity on the first evaluated dataset."""
-    for key, value in results.items():
-        if key.startswith("ppl/"):
-            return float(value)
-    raise PruneLabError("no perplexity was evaluated: keep eval.ppl to have an objective")

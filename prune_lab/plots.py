@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_path
+from .plan import PruningPlan
 
 KEPT, PRUNED, LAYER_GONE = "#2b6cb0", "#ed8936", "#e53e3e"
 DPI = 120
@@ -89,14 +90,26 @@ def plot_kept_units(plan, scores, path: Path, group_sizes: list[int] | None = No
 
 
 def plot_layer_importance(layer_scores, removed_layers: list[int], path: Path) -> Path:
+    """Bars per layer; a log axis (symlog if some scores are <= 0) when they span > 30x, so an
+    outlier such as removal's layer 0 does not flatten the rest. Values are written on the bars."""
     values = to_numpy(layer_scores)
     x = np.arange(len(values))
     colors = np.where(np.isin(x, removed_layers), LAYER_GONE, KEPT)
     fig, (ax,) = new_figure(max(6.0, 0.3 * len(values) + 3), 3.6)
     ax.bar(x, values, color=colors)
+    magnitude = np.abs(values[values != 0])
+    scale = "linear"
+    if len(magnitude) >= 2 and magnitude.max() > 30 * np.median(magnitude):
+        if (values > 0).all():
+            ax.set_yscale(scale := "log")
+        else:
+            ax.set_yscale(scale := "symlog", linthresh=float(np.median(magnitude)))
+    if len(values) <= 48:
+        for xi, v in zip(x, values):
+            ax.text(xi, v, f"{v:.3g}", ha="center", va="bottom" if v >= 0 else "top", fontsize=6, rotation=90)
     ax.set_xticks(x)
     ax.set_xlabel("layer")
-    ax.set_ylabel("importance (higher = keep)")
+    ax.set_ylabel("importance (higher = keep)" + ("" if scale == "linear" else f", {scale} axis"))
     title = "Layer importance"
     if len(removed_layers):
         title += f" — red: removed layers {sorted(removed_layers)}"
@@ -135,10 +148,14 @@ def write_run_plots(run_dir, plan, scores, layer_scores=None, views_before=None)
     """The per-run PNGs; views_before (dense LayerViews) only supply the GQA group size."""
     run_dir = Path(run_dir)
     group_sizes = [v.attn.group_size for v in views_before] if views_before else None
-    paths = [plot_kept_units(plan, scores, run_dir / "kept_units.png", group_sizes),
-             plot_score_histogram(plan, scores, run_dir / "score_histogram.png")]
+    paths = []
+    if scores is not None:     # plan None: an analyse-only job (nothing pruned)
+        if plan is not None:
+            paths.append(plot_kept_units(plan, scores, run_dir / "kept_units.png", group_sizes))
+        paths.append(plot_score_histogram(plan or PruningPlan(), scores, run_dir / "score_histogram.png"))
     if layer_scores is not None:
-        paths.append(plot_layer_importance(layer_scores, plan.layers, run_dir / "layer_importance.png"))
+        removed = plan.layers if plan is not None else []
+        paths.append(plot_layer_importance(layer_scores, removed, run_dir / "layer_importance.png"))
     return paths
 
 
@@ -196,9 +213,11 @@ def plot_pareto(frame: pd.DataFrame, x: str, y: str, path: Path, label: str = "r
     ax.plot(xs[front][order], ys[front][order], "-o", color=KEPT, label=f"Pareto front ({front.sum()})")
     names: dict[tuple, list[str]] = {}                  # runs landing on the same point share a label
     for name, xi, yi in zip(data.loc[front, label], xs[front], ys[front]):
-        names.setdefault((xi, yi), []).append(str(name))
-    for (xi, yi), same in names.items():
-        ax.annotate(", ".join(same), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        names.setdefault((xi, yi), []).append(Path(str(name)).name)   # the job's own dir, not its path
+    for k, ((xi, yi), same) in enumerate(sorted(names.items())):   # alternate sides along the front
+        text = ", ".join(same) if len(same) <= 3 else f"{same[0]} +{len(same) - 1}"
+        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(6, 6) if k % 2 else (-6, -10),
+                    ha="left" if k % 2 else "right", fontsize=7)
     ax.set_xlabel(f"{x} (lower is better)")
     ax.set_ylabel(f"{y} (lower is better)")
     ax.set_title(f"Pareto front: {y} vs {x} ({len(data)} runs)", fontsize=10)

@@ -60,8 +60,10 @@ def scalars(prefix: str, values: dict | None) -> dict:
 def metrics_row(metrics: dict) -> dict:
     model, plan, scores = metrics.get("model", {}), metrics.get("plan", {}), metrics.get("scores", {})
     removed = plan.get("layers_removed")
+    recovered = metrics.get("recovered")   # finetune != none: the final results; "pruned/" before recovery
     return {"status": metrics.get("status", "unknown"),
-            **scalars("", metrics.get("pruned")), **scalars("dense/", metrics.get("dense")),
+            **scalars("", recovered or metrics.get("pruned")), **scalars("dense/", metrics.get("dense")),
+            **(scalars("pruned/", metrics.get("pruned")) if recovered else {}),
             "params": model.get("pruned", {}).get("params_total"),
             "params_dense": model.get("dense", {}).get("params_total"),
             **{k: plan.get(k) for k in ("achieved_ratio", "groups_removed", "channels_removed")},

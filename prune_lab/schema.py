@@ -78,7 +78,7 @@ class HubTextConf(DataConf):
     path: str = MISSING
     config_name: Optional[str] = None
     text_field: str = "text"
-    splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
+    splits: Optional[Dict[str, str]] = None  # ours -> the hub's split names; null = train/validation/test
     data_files: Optional[Dict[str, Any]] = None
     separator: str = "\n\n"
     max_rows: Optional[int] = None
@@ -122,8 +122,21 @@ class FlapConf(ImportanceConf):
 
 
 @dataclass
+class FileImportanceConf(ImportanceConf):
+    _target_: str = "prune_lab.importance.FromFile"
+    path: str = MISSING
+
+
+@dataclass
 class LayerImportanceConf:
     _target_: str = MISSING
+    n_samples: Optional[int] = None
+
+
+@dataclass
+class FileLayerImportanceConf(LayerImportanceConf):
+    _target_: str = "prune_lab.layer_importance.FromFile"
+    path: str = MISSING
 
 
 # ---- allocator -----------------------------------------------------------------------------
@@ -227,7 +240,7 @@ class TrainConf(FinetuneConf):
     seq_len: int = 256
     split: str = "train"
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     grad_clip: float = 1.0
 
 
@@ -278,7 +291,7 @@ class PPLConf:
 
 @dataclass
 class ZeroShotConf:
-    tasks: List[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa"])
+    tasks: List[str] = MISSING              # lm_eval task names; [] = skip zero-shot
     num_fewshot: int = 0
     batch_size: int = 8
     limit: Optional[int] = None
@@ -298,7 +311,7 @@ class EfficiencyConf:
 class EvalConf:
     _target_: str = "prune_lab.eval.Evaluator"
     before: bool = False                     # also evaluate the dense model
-    ppl: Optional[PPLConf] = field(default_factory=PPLConf)
+    ppl: Optional[PPLConf] = None           # every conf/eval option sets it: the job's objective
     zeroshot: Optional[ZeroShotConf] = None
     efficiency: Optional[EfficiencyConf] = None
 
@@ -349,7 +362,7 @@ class JobConf:
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
     importance: ImportanceConf = MISSING
     layer_importance: Optional[LayerImportanceConf] = None
-    allocator: AllocatorConf = MISSING
+    allocator: Optional[AllocatorConf] = MISSING     # null (allocator=none): analyse only
     reconstruct: ReconstructConf = MISSING
     engine: EngineConf = field(default_factory=EngineConf)
     finetune: FinetuneConf = MISSING
@@ -366,8 +379,8 @@ SCHEMAS = {
     "model": {"embedded": EmbeddedModelConf, "hf": HFModelConf, "pruned": PrunedModelConf,
               "random": RandomModelConf},
     "data": {"wiki_vital": WikiVitalConf, "hub": HubTextConf, "text": LocalTextConf},
-    "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf},
-    "layer_importance": {"base": LayerImportanceConf},
+    "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf, "file": FileImportanceConf},
+    "layer_importance": {"base": LayerImportanceConf, "file": FileLayerImportanceConf},
     "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
                   "depth": DepthConf,
                   "uniform_shape": UniformShapeConf},

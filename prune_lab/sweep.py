@@ -8,7 +8,6 @@ study-wide failure budget is enforced here instead (StudyCallback.max_failure_ra
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import sys
@@ -27,12 +26,11 @@ log = logging.getLogger(__name__)
 
 
 # ---- what the task function returns ------------------------------------------------------
-def objective_values(objective: Objective, ppl: float, run_dir: Path) -> float | tuple[float, float]:
+def objective_values(objective: Objective, ppl: float, params_total: int) -> float | tuple[float, float]:
     """ppl -> PPL; ppl_params -> (PPL, remaining parameters of the pruned model)."""
     if objective == Objective.ppl:
         return ppl
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    return ppl, float(metrics["model"]["pruned"]["params_total"])
+    return ppl, float(params_total)
 
 
 def n_objectives(objective: Objective) -> int:

@@ -20,8 +20,8 @@ from .record import RunRecord
 log = logging.getLogger("prune_lab")
 
 
-def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float:
-    from .pipeline import build, model_stats, objective_of
+def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord):
+    from .pipeline import JobResult, build, model_stats
     torch.manual_seed(cfg.seed)
     # Build every component first, so bad configuration fails before any heavy work.
     loader = build(cfg.model)
@@ -36,7 +36,7 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
     with record.stage("load"):
         eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}
         for ds in {id(d): d for d in (dataset, *eval_sets.values())}.values():
-            ds.text(calibration.split if ds is dataset else evaluator.ppl["split"])  # fail fast if unreachable
+            ds.text(calibration.split if ds is dataset else evaluator.split)  # fail fast if unreachable
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
         evaluator.check_data(eval_sets, streams)
         torch.manual_seed(cfg.seed)
@@ -79,7 +79,7 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord) -> float
             save_pruned(model, tokenizer, run_dir / "model",     # masks/bits inside, before the rename
                         extra=lambda tmp: save_compression(tmp, method, quant, summary))
     record.write()
-    return objective_of(results)
+    return JobResult(results, model_stats(model)["params_total"])
 
 
 def _fmt(results: dict) -> str:

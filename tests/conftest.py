@@ -85,5 +85,13 @@ def write_small_corpus(directory) -> Path:
     return directory
 
 
+def text_job(tmp_path, *extra: str):
+    """The tiny llama job on the small local corpus (written into tmp_path once), cache under tmp_path."""
+    if not (tmp_path / "train.txt").exists():
+        write_small_corpus(tmp_path)
+    return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={tmp_path}/train.txt",
+                       f"data.test={tmp_path}/test.txt", *extra)
+
+
 def tokens(n: int = 2, length: int = 16, vocab: int = 8192, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))

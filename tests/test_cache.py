@@ -8,7 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
-from conftest import compose_job, tiny_model, tiny_overrides, write_small_corpus
+from conftest import text_job, tiny_model, write_small_corpus
 from prune_lab import cache
 from prune_lab.cache import ScoreCache, model_fingerprint, tokens_fingerprint
 from prune_lab.pipeline import run
@@ -22,8 +22,7 @@ def text_files(tmp_path):
 
 
 def job(tmp_path, text_files, *extra):
-    return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={text_files}/train.txt",
-                       f"data.test={text_files}/test.txt", "output.plots=false", *extra)
+    return text_job(text_files, "output.plots=false", *extra)
 
 
 def scores_reused(tmp_path, text_files, name, *extra) -> dict:

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import ALL_ARCHS, REPO, tiny_model, tiny_overrides, tokens
+from conftest import ALL_ARCHS, compose_job, tiny_model, tiny_overrides, tokens
 from prune_lab import load_pruned
 from prune_lab.adapter import decoder_layers, layer_shapes
 from prune_lab.checkpoint import save_pruned
-from prune_lab.errors import CheckpointError
+from prune_lab.errors import CheckpointError, PruneLabError
 from prune_lab.model import RandomModel
 from prune_lab.plan import PruningPlan
+from prune_lab.pipeline import run
 from prune_lab.prune import apply_plan
 
 MIXED = PruningPlan(attn={0: [1]}, mlp={2: [1, 5, 7], 3: list(range(20))}, layers=[1])
@@ -132,35 +130,30 @@ def test_bad_checkpoints_fail_with_one_line(checkpoint, damage, message):
     assert "\n" not in str(err.value)
 
 
-def run_cli(*overrides, run_dir, cache) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "prune_lab", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_cli_recovers_saves_and_reloads_the_same_ppl(tmp_path):
+def test_job_recovers_saves_and_reloads_the_same_ppl_in_an_eval_only_job(tmp_path):
     # llama: AutoTokenizer reloads the lab tokenizer as the same class (a qwen2 config maps it to Qwen2Tokenizer)
     tiny = [o.replace("num_hidden_layers=3", "num_hidden_layers=4") for o in tiny_overrides("llama", tmp_path)]
     job = [o for o in tiny if not o.startswith("model")] + ["output.plots=false"]
-    first = run_cli(*tiny, "output.plots=false", "allocator=depth", "allocator.n_layers=1", "finetune=lora",
+    run(compose_job(*tiny, "output.plots=false", "allocator=depth", "allocator.n_layers=1", "finetune=lora",
                     "finetune.max_steps=4", "finetune.batch_size=2", "finetune.seq_len=32",
-                    "output.save_model=true", run_dir=tmp_path / "a", cache=tmp_path / "cache")
-    assert first.returncode == 0, first.stderr[-3000:]
+                    "output.save_model=true"), tmp_path / "a")
     saved_run = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert saved_run["finetune"]["steps"] == 4 and (tmp_path / "a" / "loss.csv").exists()
     model_dir = tmp_path / "a" / "model"
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
     assert json.loads((model_dir / "config.json").read_text())["prune_lab"]["removed_layers"] != []
 
-    second = run_cli(*job, "model=pruned", f"model.path={model_dir}", "allocator.ratio=0",
-                     "eval.before=true", run_dir=tmp_path / "b", cache=tmp_path / "cache")
-    assert second.returncode == 0, second.stderr[-3000:]
+    run(compose_job(*job, "model=pruned", f"model.path={model_dir}", "allocator.ratio=0", "eval.before=true"),
+        tmp_path / "b")
     reloaded_run = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert reloaded_run["model"]["dense"]["num_layers"] == 3
-    assert reloaded_run["dense"]["ppl/data"] == saved_run["pruned"]["ppl/data"]   # bit for bit
+    assert saved_run["pruned"]["ppl/data"] != saved_run["recovered"]["ppl/data"]
+    assert reloaded_run["dense"]["ppl/data"] == saved_run["recovered"]["ppl/data"]   # bit for bit
+    # an eval-only job: no scores computed, evaluated once (the dense result is the "pruned" one)
+    assert reloaded_run["pruned"] == reloaded_run["dense"]
+    assert {"eval_dense", "allocate"} <= set(reloaded_run["timings_s"])
+    assert not {"score", "evaluate", "prune"} & set(reloaded_run["timings_s"])
 
-    bad = run_cli(*job, "model=pruned", f"model.path={tmp_path}/nowhere", run_dir=tmp_path / "c",
-                  cache=tmp_path / "cache")
-    assert bad.returncode == 2
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("prune_lab: error:")]
-    assert len(errors) == 1 and "nowhere" in errors[0]
+    with pytest.raises(PruneLabError) as err:
+        run(compose_job(*job, "model=pruned", f"model.path={tmp_path}/nowhere"), tmp_path / "c")
+    assert "nowhere" in str(err.value) and "\n" not in str(err.value)

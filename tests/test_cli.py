@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
@@ -32,9 +33,11 @@ def error_lines(proc) -> list[str]:
 
 
 def test_tiny_job_writes_a_complete_run_dir(tmp_path):
-    run_cli(*tiny_overrides("qwen2"), "verify=true", "eval.before=true", "output.plots=false",
-            tmp_path=tmp_path)
+    proc = run_cli(*tiny_overrides("qwen2"), "verify=true", "eval.before=true", "output.plots=false",
+                   tmp_path=tmp_path)
     run = tmp_path / "run"
+    assert f"run dir: {run} (took " in proc.stdout + proc.stderr
+    assert (run / "prune_lab.log").is_file()
     assert (run / ".hydra" / "config.yaml").exists() and (run / ".hydra" / "overrides.yaml").exists()
     assert (run / "plan.csv").exists() and (run / "scores.safetensors").exists()
     layers = json.loads((run / "layers.json").read_text())
@@ -52,6 +55,22 @@ def test_tiny_job_writes_a_complete_run_dir(tmp_path):
     assert m["versions"]["torch"] and m["data_fingerprint"]["calibration"]
     for layer in m["model"]["layers"]:       # GQA ratio 7:1 kept in every layer
         assert layer["q_heads"] == 7 * layer["kv_heads"]
+
+
+def test_help_lists_groups_options_and_examples_through_the_console_script(tmp_path):
+    script = Path(sys.executable).parent / "prune-lab"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "schema" not in text and "layerwise" in text and "global*" in text and "taylor_2nd" in text
+    groups = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and "," in line
+              and not line.lstrip().startswith("prune-lab")]
+    assert groups[:5] == ["model", "data", "importance", "layer_importance", "allocator"]
+    assert {"finetune", "eval"} <= set(groups)
+    assert groups[-1] == "experiment" and "hydra" not in groups
+    assert sum(line.lstrip().startswith("prune-lab ") for line in text.splitlines()) == 2
 
 
 def test_bad_input_is_one_line_exit_2_and_a_failed_run(tmp_path):
@@ -80,20 +99,16 @@ def test_bad_input_fails_the_run_with_a_clear_message(override, message, tmp_pat
     assert metrics(tmp_path)["status"] == "failed"
 
 
-def test_missing_model_path_exits_non_zero(tmp_path):
-    proc = run_cli("model=hf", f"model.path={tmp_path}/nowhere", tmp_path=tmp_path, check=False)
-    assert proc.returncode == 2 and "does not exist" in error_lines(proc)[0]
-
-
-def test_unknown_architecture_exits_non_zero(tmp_path):
+def test_missing_model_or_unknown_architecture_fails_with_one_line(tmp_path):
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=8192))
     gpt2.save_pretrained(tmp_path / "gpt2")
     from prune_lab.model import EmbeddedModel
     EmbeddedModel(device="cpu").load_tokenizer().save_pretrained(tmp_path / "gpt2")
-    proc = run_cli("model=hf", f"model.path={tmp_path}/gpt2", "model.dtype=float32",
-                   tmp_path=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "unsupported architecture 'gpt2'" in error_lines(proc)[0]
+    for path, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "gpt2", "unsupported architecture 'gpt2'")):
+        cfg = compose_job("model=hf", f"model.path={path}", "model.dtype=float32", f"cache.dir={tmp_path}/cache")
+        with pytest.raises(PruneLabError, match=message) as err:
+            run(cfg, tmp_path / "run")
+        assert "\n" not in str(err.value) and metrics(tmp_path)["status"] == "failed"
 
 
 def test_typo_fails_at_compose_time(tmp_path):

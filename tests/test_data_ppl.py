@@ -46,6 +46,15 @@ def test_hub_dataset_unreachable_offline_fails_with_one_line():
     assert "\n" not in str(err.value) and "data=text" in str(err.value)
 
 
+def test_named_datasets_are_composed_from_the_configs():
+    assert isinstance(load_named("wiki_vital"), WikiVital)
+    ptb = load_named("ptb")
+    assert (ptb.path, ptb.text_field, ptb.separator) == ("ptb_text_only", "sentence", " ")
+    assert ptb.splits == {"train": "train", "valid": "validation", "test": "test"}
+    with pytest.raises(PruneLabError, match="unknown dataset 'nope': choose one of .*wikitext2"):
+        load_named("nope")
+
+
 def test_calibration_is_deterministic_given_the_seed():
     stream = torch.arange(10_000)
     cal = Calibration(n_samples=10, seq_len=64, batch_size=4)

@@ -15,7 +15,8 @@ from conftest import compose_job, tiny_model
 from prune_lab.data import LocalText, TokenStreams, WikiVital
 from prune_lab.errors import DataUnavailable, PruneLabError
 from prune_lab.eval import Evaluator
-from prune_lab.eval.efficiency import efficiency, safetensors_bytes, unique_state_dict
+from prune_lab.checkpoint import unique_state_dict
+from prune_lab.eval.efficiency import efficiency, safetensors_bytes
 from prune_lab.eval.ppl import perplexity
 from prune_lab.model import RandomModel
 from prune_lab.plan import PruningPlan
@@ -32,7 +33,7 @@ def tokenizer():
 
 
 def contiguous_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in unique_state_dict(model).items()}
+    return {k: v.contiguous() for k, v in unique_state_dict(model)[0].items()}
 
 
 # ---- efficiency ---------------------------------------------------------------------------------
@@ -81,9 +82,9 @@ def test_checkpoint_size_matches_safetensors_for_mixed_dtypes_and_tied_weights()
     assert safetensors_bytes(mixed) == len(save(mixed))
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     tied[1].weight = tied[0].weight
-    assert list(unique_state_dict(tied)) == ["0.weight"]            # the tied copy is stored once
+    assert list(unique_state_dict(tied)[0]) == ["0.weight"]            # the tied copy is stored once
     only = {"0.weight": tied[0].weight.detach()}
-    assert safetensors_bytes(unique_state_dict(tied), {"format": "pt"}) == len(save(only, {"format": "pt"}))
+    assert safetensors_bytes(unique_state_dict(tied)[0], {"format": "pt"}) == len(save(only, {"format": "pt"}))
 
 
 def test_efficiency_rejects_lengths_beyond_the_model(tokenizer):

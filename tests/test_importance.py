@@ -131,12 +131,6 @@ def test_random_is_deterministic_per_seed():
     assert [len(s) for s in a.attn] == [2, 2, 2] and [len(s) for s in a.mlp] == [48, 48, 48]
 
 
-def test_criteria_declare_whether_they_need_data():
-    assert not Magnitude.needs_data and not Random.needs_data
-    assert Taylor().needs_data and Wanda.needs_data
-    assert Taylor(second_order=True).describe() == {"name": "taylor_2nd", "second_order": True}
-
-
 def test_unit_scores_round_trip_through_safetensors(tmp_path):
     scores = Random()(tiny_model("qwen3", layers=2), seed=1)
     scores.save(tmp_path / "scores.safetensors")

@@ -36,7 +36,7 @@ def linears(model):
                                           ("wanda", ["method.prune_n=2", "method.prune_m=4"])])
 def test_every_arch_runs_the_family_with_exact_sparsity(arch, method, extra, tmp_path):
     cfg = job(tmp_path, arch, f"method={method}", *extra, "method.blocksize=16")
-    ppl = run(cfg, tmp_path / "run")
+    ppl = run(cfg, tmp_path / "run").ppl
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["status"] == "ok" and ppl == m["pruned"]["ppl/data"] and 1 < ppl < 1e5
     c = m["compression"]
@@ -52,7 +52,7 @@ def test_mixed_budget_hits_the_average_and_reload_reproduces_the_ppl(tmp_path):
     # llama: the saved lab tokenizer reloads as the same class (a qwen2 config maps it to Qwen2Tokenizer)
     cfg = job(tmp_path, "llama", "method=sparsegpt", "method.sparsity=0.25", "quant=mixed",
               "quant.target_avg_bits=3.5", "output.save_model=true", "method.blocksize=16")
-    ppl = run(cfg, tmp_path / "run")
+    ppl = run(cfg, tmp_path / "run").ppl
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())["compression"]
     assert m["avg_bits"] == pytest.approx(3.5, abs=0.01)
     assert sum(m["bit_histogram"].values()) == m["total_channels"]
@@ -73,7 +73,7 @@ def test_mixed_budget_hits_the_average_and_reload_reproduces_the_ppl(tmp_path):
                        f"data.train={tmp_path}/train.txt", f"data.test={tmp_path}/test.txt",
                        "method=sparsegpt", "method.sparsity=0", "method.blocksize=16")
     # the reloaded model re-run through a no-op engine pass (sparsity 0, no quant) keeps its PPL exactly
-    assert run(cfg2, tmp_path / "run2") == ppl
+    assert run(cfg2, tmp_path / "run2").ppl == ppl
 
 
 def test_recovery_keeps_masks_and_the_quantization_grid(tmp_path):

@@ -5,6 +5,7 @@ All take `ratio`, the fraction of decoder attention + MLP parameters to remove.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..adapter import LayerView
@@ -46,7 +47,12 @@ def largest_remainder(ideal: np.ndarray, total: int, cap: np.ndarray) -> np.ndar
 
 
 class Allocator:
+    """Contract with the pipeline: the two `needs_*` flags say which scores __call__ reads,
+    `removes_nothing` lets a ratio-0 job skip scoring, `table` is the unit table if one was built."""
+
     needs_layer_importance = False
+    needs_unit_scores = True
+    table: pd.DataFrame | None = None
 
     def __init__(self, ratio: float = 0.25, layer_start: int = 0, layer_end: int | None = None,
                  multiple_of: int = 1):
@@ -59,6 +65,10 @@ class Allocator:
                                 f"need 0 <= allocator.layer_start < allocator.layer_end")
         self.ratio, self.layer_start, self.layer_end = ratio, layer_start, layer_end
         self.multiple_of = multiple_of       # kept widths on multiples of it: applied by align.align_plan
+
+    @property
+    def removes_nothing(self) -> bool:
+        return self.ratio == 0
 
     def eligible(self, views: list[LayerView]) -> np.ndarray:
         n = len(views)

@@ -12,11 +12,16 @@ class Depth(Allocator):
     """Remove `n_layers` layers, or (n_layers=null) the count whose parameters come closest to ratio."""
 
     needs_layer_importance = True
+    needs_unit_scores = False
 
     def __init__(self, ratio: float = 0.25, n_layers: int | None = None,
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         self.n_layers = n_layers
+
+    @property
+    def removes_nothing(self) -> bool:
+        return self.n_layers == 0 or (self.n_layers is None and self.ratio == 0)
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
         if layer_importance is None:

@@ -38,7 +38,6 @@ class Global(Allocator):
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         self.remove_empty_layers = remove_empty_layers
-        self.table: pd.DataFrame | None = None
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
         self.check_inputs(views, scores)

@@ -11,6 +11,7 @@ class Evaluator:
     def __init__(self, before: bool = False, ppl: dict | None = None,
                  zeroshot: dict | None = None, efficiency: dict | None = None):
         self.before, self.ppl, self.zeroshot, self.efficiency = before, ppl, zeroshot, efficiency
+        self.split = ppl["split"] if ppl else None      # the split perplexity reads
         if ppl:
             check_ppl_settings(ppl)
         if zeroshot and zeroshot.get("tasks"):    # missing extra, unknown task, unreachable data: fail now

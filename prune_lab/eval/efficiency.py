@@ -15,23 +15,12 @@ import time
 
 import torch
 
+from ..checkpoint import unique_state_dict
 from ..errors import PruneLabError
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def unique_state_dict(model) -> dict[str, torch.Tensor]:
-    """The state dict without tied duplicates (a tied lm_head is stored once, as safetensors does)."""
-    seen, out = set(), {}
-    for name, tensor in sorted(model.state_dict().items()):
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor
-    return out
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
@@ -118,7 +107,7 @@ def measure(model, prompt: torch.Tensor, gen_tokens: int, repeats: int, warmup: 
 
 
 @torch.no_grad()
-def efficiency(model, tokenizer, prompt_len: int = 128, gen_tokens: int = 32, batch_sizes=(1,),
+def efficiency(model, tokenizer, prompt_len: int = 128, gen_tokens: int = 32, batch_sizes=(1, 8),
                repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict:
     """Parameters, checkpoint size, and per batch size: prefill and decode speed, peak memory.
 
@@ -133,7 +122,7 @@ def efficiency(model, tokenizer, prompt_len: int = 128, gen_tokens: int = 32, ba
     vocab = min(len(tokenizer), model.config.vocab_size) if tokenizer is not None else model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     out = {"efficiency/params": sum(p.numel() for p in model.parameters()),
-           "efficiency/checkpoint_bytes": safetensors_bytes(unique_state_dict(model), {"format": "pt"}),
+           "efficiency/checkpoint_bytes": safetensors_bytes(unique_state_dict(model)[0], {"format": "pt"}),
            "efficiency/prompt_len": prompt_len, "efficiency/gen_tokens": gen_tokens,
            "efficiency/device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if device.type == "cuda":
