@@ -62,7 +62,12 @@ def took(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+# Hydra >= 1.4 asks which config `_target_`s may be instantiated; add your own components' modules
+# with PRUNE_LAB_TRUSTED_TARGETS="mypkg.*,other.Class".
+TRUSTED_TARGETS = ("prune_lab.*", *filter(None, os.environ.get("PRUNE_LAB_TRUSTED_TARGETS", "").split(",")))
+
+
+@hydra.main(config_path=str(CONF), config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

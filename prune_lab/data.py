@@ -141,7 +141,7 @@ def load_named(name: str):
     if GlobalHydra.instance().is_initialized():      # inside the app
         node = compose_data()
     else:                                            # from Python: the package's configs
-        with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DATA.parent)):
             node = compose_data()
     return instantiate(node)
 

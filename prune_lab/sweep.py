@@ -49,7 +49,7 @@ def attn_mlp(share: Any) -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("attn_mlp"):
-        OmegaConf.register_new_resolver("attn_mlp", attn_mlp)
+        OmegaConf.register_resolver("attn_mlp", attn_mlp)
 
 
 # ---- study storage and results -----------------------------------------------------------

@@ -39,7 +39,7 @@ schema.register()
 def compose_job(*overrides: str):
     """Compose conf/config.yaml with overrides, exactly as the CLI does."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         return compose(config_name="config", overrides=list(overrides))
 
 

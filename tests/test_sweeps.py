@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF, tiny_overrides, write_small_corpus
@@ -65,7 +66,7 @@ def completed(study) -> list:
 def compose_with_hydra(*overrides):
     register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
@@ -98,7 +99,7 @@ def test_optuna_presets_compose():
                                                "allocator.freeze_top_n", "importance"}
     pareto = compose_with_hydra("experiment=optuna_pareto")
     assert pareto.objective.name == "ppl_params" and len(pareto.hydra.sweeper.direction) == 2
-    assert pareto.hydra.sweeper.sampler._target_ == "optuna.samplers.NSGAIISampler"
+    assert isinstance(instantiate(pareto.hydra.sweeper.sampler), optuna.samplers.NSGAIISampler)
 
 
 def test_study_callback_stops_a_study_whose_objective_does_not_match_its_directions(tmp_path, capsys):
