@@ -67,7 +67,7 @@ def optuna_study(work: Path, trials: int) -> tuple[pd.DataFrame, float]:
     storage = f"sqlite:///{work / 'study.db'}"
     wall = cli(["-m", "experiment=optuna_distribution", *COMMON, f"hydra.sweeper.n_trials={trials}",
                 f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={work / 'optuna'}",
-                "hydra.callbacks.study.max_failure_rate=0.5"], work, "optuna")
+                "hydra.sweeper.max_failure_rate=0.5"], work, "optuna")
     study = optuna.load_study(study_name=f"distribution_r{RATIO}", storage=storage)
     jobs = runs(work / "optuna").set_index("job")
     rows = []

@@ -16,11 +16,12 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from . import schema  # noqa: E402
-from .errors import PruneLabError  # noqa: E402
+from .errors import BudgetError, PruneLabError  # noqa: E402
 from .pipeline import run  # noqa: E402
 from .rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
 from .rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
-from .sweep import objective_values, register_resolvers  # noqa: E402
+from .study import Outcome, PlanMemo, in_study, job_outcome  # noqa: E402
+from .sweep import n_objectives, objective_values, register_resolvers  # noqa: E402
 
 # An absolute directory: the same configs whether started as `python -m prune_lab`, as the console
 # script, from a checkout or from an installed wheel.
@@ -68,14 +69,19 @@ TRUSTED_TARGETS = ("prune_lab.*", *filter(None, os.environ.get("PRUNE_LAB_TRUSTE
 
 
 @hydra.main(config_path=str(CONF), config_name="config", execution_whitelist=TRUSTED_TARGETS)
-def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | None:
+def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | Outcome | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     start = time.time()
+    study = hc.mode == RunMode.MULTIRUN and in_study(hc)
+    memo = PlanMemo.from_hydra(hc.sweeper) if study and not cfg.verify else None
     try:
         with signals_as_interrupts():     # SIGTERM ends the job as Ctrl-C does: status interrupted
-            result = run(cfg, run_dir)
+            result = run(cfg, run_dir, memo=memo)
     except PruneLabError as e:
+        if study and hc.sweeper.constraints and isinstance(e, BudgetError):
+            # an infeasible point (split/freeze the ratio cannot meet): a constraint violation, not a failure
+            return Outcome.infeasible(n_objectives(cfg.objective), e.shortfall, str(e))
         if hc.mode == RunMode.MULTIRUN:   # let the sweeper record a failed trial
             raise
         print(f"prune_lab: error: {e}", file=sys.stderr)
@@ -87,7 +93,8 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | None:
     if result.ppl is None:
         return None
     log.info("objective (perplexity): %.4f", result.ppl)
-    return objective_values(cfg.objective, result.ppl, result.params_total)
+    values = objective_values(cfg.objective, result.ppl, result.params_total)
+    return job_outcome(values, result, run_dir, memo) if study else values
 
 
 def main() -> None:

@@ -14,7 +14,12 @@ class DataUnavailable(PruneLabError):
 
 
 class BudgetError(PruneLabError):
-    pass
+    """The allocation cannot meet its budget. `shortfall`: the fraction of the budget left unmet
+    (studies report it as the constraint violation of an infeasible trial)."""
+
+    def __init__(self, message: str, shortfall: float | None = None):
+        super().__init__(message)
+        self.shortfall = shortfall
 
 
 class CheckpointError(PruneLabError):

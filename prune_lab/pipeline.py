@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .plan import PruningPlan
 from .prune import apply_plan
 from .reconstruct import summarize, write_errors
 from .record import RunRecord
+from .study import PlanMemo
 from .verify import require_passed, verify_pruning
 
 log = logging.getLogger("prune_lab")
@@ -61,12 +63,15 @@ class JobResult:
         return next((float(v) for k, v in self.results.items() if k.startswith("ppl/")), None)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> JobResult:
-    """Run one job; metrics.json says running -> ok | failed | interrupted."""
+def run(cfg: DictConfig, run_dir: str | Path, memo: PlanMemo | None = None) -> JobResult:
+    """Run one job; metrics.json says running -> ok | failed | interrupted.
+
+    memo (Optuna studies): a plan the study already evaluated is not pruned and evaluated again.
+    """
     run_dir = Path(run_dir)
     record = RunRecord(run_dir)
     try:
-        result = _recipe(cfg)(cfg, run_dir, record)
+        result = _recipe(cfg, memo)(cfg, run_dir, record)
     except BaseException as e:
         record.fail(e)
         raise
@@ -74,18 +79,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> JobResult:
     return result
 
 
-def _recipe(cfg: DictConfig):
+def _recipe(cfg: DictConfig, memo: PlanMemo | None = None):
     """method=structured (default): this module's _run; sparsegpt|wanda|magnitude: unstructured.py."""
     if cfg.method._target_ == STRUCTURED:
         if cfg.quant._target_ != NO_QUANT:
             raise PruneLabError("quant=uniform|mixed needs method=sparsegpt|wanda|magnitude "
                                 "(structured pruning does not quantize)")
-        return _run
+        return partial(_run, memo=memo)
     from .unstructured import run_unstructured
     return run_unstructured
 
 
-def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> JobResult:
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | None = None) -> JobResult:
     torch.manual_seed(cfg.seed)
     # Build every component first, so bad configuration fails before any heavy work.
     loader = build(cfg.model)
@@ -165,6 +170,12 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> JobResult:
                  record["plan"]["groups_removed"], record["plan"]["channels_removed"],
                  record["plan"]["layers_removed"], record["plan"]["params_removed"],
                  100 * record["plan"]["achieved_ratio"])
+        prior = memo.lookup(plan, model, record.metrics.get("data_fingerprint"), cfg) if memo else None
+        if prior is not None:    # in a study: a plan it already evaluated is not evaluated again
+            record.update(prior.metrics)
+            record["model"]["pruned"] = {"params_total": prior.params_total}
+            record.write()
+            return JobResult(prior.results, prior.params_total)
     write_layer_table(run_dir, layer_table(views, plan, layer_scores),
                       layer_importance.name if layer_scores is not None else None)
 

@@ -107,7 +107,8 @@ class Allocator:
         slack = max(max(v.attn.group_cost, v.mlp.channel_cost) for v in views)
         if achieved < plan.target_params - slack:
             raise BudgetError(f"budget of {plan.target_params} params cannot be met (reached {achieved}) "
-                              f"while every kept layer keeps a KV group and an MLP channel: {hint}")
+                              f"while every kept layer keeps a KV group and an MLP channel: {hint}",
+                              shortfall=1.0 - achieved / max(plan.target_params, 1))
         return plan
 
     def __call__(self, scores: UnitScores, views: list[LayerView],

@@ -52,7 +52,8 @@ def solve_rates(weights: np.ndarray, params: np.ndarray, budget: float,
     if (top * p).sum() < budget - 1e-6:
         raise BudgetError(f"budget of {budget:.0f} params cannot be met on {int(active.sum())} prunable "
                           f"layers with max_rate={top.max():.3g} and one unit kept per layer: "
-                          f"lower allocator.ratio or raise max_rate")
+                          f"lower allocator.ratio or raise max_rate",
+                          shortfall=1.0 - float((top * p).sum()) / budget)
     lo, hi = 0.0, top.max() / w.min() + 1.0
     for _ in range(100):   # bisection; removed(k) is monotone in k
         k = (lo + hi) / 2
@@ -95,7 +96,8 @@ class Layerwise(Allocator):
         if self.freeze_top_n:
             cand = np.flatnonzero(eligible)
             if self.freeze_top_n >= len(cand):
-                raise BudgetError(f"freeze_top_n={self.freeze_top_n} freezes all {len(cand)} prunable layers")
+                raise BudgetError(f"freeze_top_n={self.freeze_top_n} freezes all {len(cand)} prunable layers",
+                                  shortfall=1.0)
             w[cand[np.argsort(-imp[cand], kind="stable")[: self.freeze_top_n]]] = 0.0
         return w
 
