@@ -56,7 +56,7 @@ def unique_dir(base: str) -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique_dir"):
-        OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)   # pickled with the config
+        OmegaConf.register_resolver("unique_dir", unique_dir, use_cache=True)   # pickled with the config
 
 
 # ---- ownership and liveness ---------------------------------------------------------------------
