@@ -78,7 +78,7 @@ def test_a_run_dir_owned_by_a_live_job_is_refused(tmp_path):
         proc = launch(tmp_path, *tiny_overrides("llama", tmp_path), f"hydra.run.dir={owned}")
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2
-        assert [line for line in err.splitlines() if "error" in line] == [
+        assert [line for line in err.splitlines() if line.startswith("prune_lab:")] == [
             f"prune_lab: error: run dir {owned} belongs to a live job (pid {os.getpid()} on "
             f"{this_process()['host']}, started {lock_started(owned)}): give this job another hydra.run.dir"]
         assert sorted(p.name for p in owned.iterdir()) == [".lock"]     # Hydra wrote nothing there
