@@ -171,10 +171,10 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
             if params is not None:
                 q = quantize(q[:, None], *params).squeeze(1) * mask1[:, i]
             e = (w - q) / d[i]
-            loss += e.double().square().sum() / 2
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             w1[:, i] = q
             err1[:, i] = e
+        loss += err1.double().square().sum() / 2
         w_all[:, b0:b1] = w1
         mask[:, b0:b1] = mask1
         w_all[:, b1:] -= err1 @ hinv[b0:b1, b1:]
