@@ -44,6 +44,10 @@ SETTINGS: dict[str, list[str]] = {
                                             "quant.allocation=quantile", *G128],
 }
 
+CORE = ["magnitude 50%", "wanda 50%", "sparsegpt 50%", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4",
+        "gptq uniform 4 g128 act_order", "mixed budget 4.0 g128 act_order", "mixed quantile (4.6) g128",
+        "sparsegpt 50% + uniform 4 g128", "sparsegpt 50% + mixed budget 4.0 g128"]
+
 
 def run(name: str, overrides: list[str], work: Path) -> dict:
     run_dir = work / name.replace(" ", "_").replace("%", "pct").replace(":", "-").replace("(", "").replace(")", "")
@@ -81,11 +85,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/bench_sparsegpt")
     ap.add_argument("--only", default=None, help="comma-separated setting names")
+    ap.add_argument("--core", action="store_true", help="the settings of the README table only")
     ap.add_argument("--out", default=str(RESULTS / "sparsegpt.md"))
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else list(SETTINGS)
+    names = args.only.split(",") if args.only else CORE if args.core else list(SETTINGS)
     rows_path = work / "rows.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else {}
     for name in names:
