@@ -39,8 +39,7 @@ def parse_override(text: str) -> tuple[str, object]:
         parsed = yaml.safe_load(value) if value else None
     except yaml.YAMLError:
         parsed = value
-    if isinstance(parsed, (list, dict)):
-        parsed = value
+    parsed = value if isinstance(parsed, (list, dict)) else parsed
     return key.lstrip("+~"), parsed
 
 
@@ -70,7 +69,8 @@ def metrics_row(metrics: dict) -> dict:
             "layers_removed": len(removed) if removed is not None else None,
             "scores_reused": scores.get("reused"), "layer_scores_reused": scores.get("layer_reused"),
             **scalars("verify/", metrics.get("verify")), **scalars("finetune/", metrics.get("finetune")),
-            **scalars("time/", metrics.get("timings_s")), "error": metrics.get("error")}
+            **scalars("compression/", metrics.get("compression")), **scalars("time/", metrics.get("timings_s")),
+            "error": metrics.get("error")}
 
 
 def run_row(run_dir: Path, root: Path) -> dict:
