@@ -9,7 +9,7 @@ Step 1 (this venv): export prune_lab's calibration windows (64 x 256 train token
 batches `method=sparsegpt` calibrates on) and the wiki-vital-en test stream to <work>/tokens.pt.
 Step 2 (the llm-compressor venv, this file with --llmc): for each recipe, load lab-llama in fp32, run
 `oneshot` on those 64 windows (sequential pipeline, one layer at a time, as prune_lab's engine), time
-it, and compute PPL with prune_lab.eval.ppl.perplexity (256-token non-overlapping windows).
+it (calibration batches of 8 windows, as prune_lab), and compute PPL with prune_lab.eval.ppl.perplexity (256-token non-overlapping windows).
 Writes experiments/results/llmcompressor.json (read by bench_sparsegpt.py's table).
 """
 from __future__ import annotations
@@ -45,11 +45,11 @@ def recipes():
     sgpt = dict(block_size=128, dampening_frac=0.01, **common)
     return {
         "SparseGPTModifier 50%": [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **sgpt)],
+        "GPTQModifier W4A16 (g128, actorder static)": [GPTQModifier(scheme="W4A16", targets="Linear",
+                                                                    ignore=["lm_head"])],
         "SparseGPTModifier 2:4": [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **sgpt)],
         "WandaPruningModifier 50%": [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **common)],
         "WandaPruningModifier 2:4": [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)],
-        "GPTQModifier W4A16 (g128, actorder static)": [GPTQModifier(scheme="W4A16", targets="Linear",
-                                                                    ignore=["lm_head"])],
         "SparseGPT 50% + GPTQ W4A16": [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **sgpt),
                                        GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])],
     }
@@ -73,7 +73,8 @@ def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
         start = time.time()
         oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(cal),
-                max_seq_length=cal.shape[1], shuffle_calibration_samples=False, pipeline="sequential")
+                max_seq_length=cal.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
+                batch_size=8)                 # prune_lab's calibration.batch_size
         seconds = time.time() - start
         model.eval()
         ppl = perplexity(model, data["test"], 256, 16, progress=False)
