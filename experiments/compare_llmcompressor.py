@@ -83,7 +83,14 @@ def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
         zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
         rows.append({"setting": name, "ppl": ppl, "seconds": seconds, "sparsity": zeros})
         print(json.dumps(rows[-1]), flush=True)
+        save(rows)
     return rows
+
+
+def save(rows: list[dict]) -> None:
+    old = {r["setting"]: r for r in json.loads(OUT.read_text())} if OUT.exists() else {}
+    old.update({r["setting"]: r for r in rows})
+    OUT.write_text(json.dumps(list(old.values()), indent=2))
 
 
 def main() -> None:
@@ -96,10 +103,7 @@ def main() -> None:
     work = Path(args.work)
     only = args.only.split(",") if args.only else None
     if args.llmc:
-        rows = run_llmc(work / "tokens.pt", only)
-        old = {r["setting"]: r for r in json.loads(OUT.read_text())} if OUT.exists() else {}
-        old.update({r["setting"]: r for r in rows})
-        OUT.write_text(json.dumps(list(old.values()), indent=2))
+        run_llmc(work / "tokens.pt", only)
         return
     work.mkdir(parents=True, exist_ok=True)
     export(work)
