@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "prune_lab" / "assets" / "lab-llama"
 OUT = REPO / "experiments" / "results" / "llmcompressor.json"
+WINDOWS = 64            # the same first 64 test windows as bench_sparsegpt.py
 
 
 def export(work: Path) -> Path:
@@ -36,6 +37,11 @@ def export(work: Path) -> Path:
     path = work / "tokens.pt"
     torch.save({"calibration": cal, "test": streams(ds, "test")}, path)
     return path
+
+
+def recipes_names() -> list[str]:
+    return ["SparseGPTModifier 50%", "GPTQModifier W4A16 (g128, actorder static)", "SparseGPTModifier 2:4",
+            "WandaPruningModifier 50%", "WandaPruningModifier 2:4", "SparseGPT 50% + GPTQ W4A16"]
 
 
 def recipes():
@@ -77,7 +83,7 @@ def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
                 batch_size=8)                 # prune_lab's calibration.batch_size
         seconds = time.time() - start
         model.eval()
-        ppl = perplexity(model, data["test"], 256, 16, progress=False)
+        ppl = perplexity(model, data["test"], 256, 16, WINDOWS, progress=False)
         linears = [m.weight for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
         zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
@@ -99,15 +105,16 @@ def main() -> None:
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
     ap.add_argument("--llmc", action="store_true", help="(internal) run inside the llm-compressor venv")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--first", type=int, default=None, help="only the first N recipes")
     args = ap.parse_args()
     work = Path(args.work)
-    only = args.only.split(",") if args.only else None
+    only = args.only.split(",") if args.only else list(recipes_names())[:args.first] if args.first else None
     if args.llmc:
         run_llmc(work / "tokens.pt", only)
         return
     work.mkdir(parents=True, exist_ok=True)
     export(work)
-    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", args.only] if args.only else [])
+    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", ",".join(only)] if only else [])
     subprocess.run(cmd, check=True)
 
 
