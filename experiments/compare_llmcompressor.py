@@ -72,7 +72,10 @@ def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
     data = torch.load(tokens_path)
     cal = data["calibration"]
     dataset = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
-    rows = []
+    dense = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    rows = [{"setting": "dense (no recipe)", "ppl": perplexity(dense, data["test"], 256, 16, WINDOWS, progress=False),
+             "seconds": 0.0, "sparsity": 0.0}]
+    save(rows)
     for name, recipe in recipes().items():
         if only and name not in only:
             continue
