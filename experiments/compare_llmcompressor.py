@@ -107,17 +107,18 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/compare_llmcompressor")
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
     ap.add_argument("--llmc", action="store_true", help="(internal) run inside the llm-compressor venv")
-    ap.add_argument("--only", default=None)
+    ap.add_argument("--only", default=None, help='"|"-separated recipe names')
     ap.add_argument("--first", type=int, default=None, help="only the first N recipes")
     args = ap.parse_args()
     work = Path(args.work)
-    only = args.only.split(",") if args.only else list(recipes_names())[:args.first] if args.first else None
+    # names contain commas ("(g128, actorder static)"), so --only takes "|"-separated names
+    only = args.only.split("|") if args.only else recipes_names()[:args.first] if args.first else None
     if args.llmc:
         run_llmc(work / "tokens.pt", only)
         return
     work.mkdir(parents=True, exist_ok=True)
     export(work)
-    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", ",".join(only)] if only else [])
+    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", "|".join(only)] if only else [])
     subprocess.run(cmd, check=True)
 
 
