@@ -14,6 +14,7 @@ from .adapter import decoder_layers, layer_views
 from .errors import PruneLabError
 from .gradients import GradientStatistics, checkpointed
 from .scores import UnitScores, reduce_to_units
+from .obs_importance import ObsError  # noqa: F401  (importance=obs)
 
 
 def _decoder_linears(views):

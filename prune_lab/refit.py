@@ -81,12 +81,15 @@ def block_columns(blocks: Tensor, width: int) -> Tensor:
 
 
 def obs_select(w: Tensor, g: Tensor, n_blocks: int, width: int, k: int, damp: float,
-               chunk: int = 1) -> tuple[list[int], list[float]]:
+               chunk: int = 1, row_weight: Tensor | None = None) -> tuple[list[int], list[float]]:
     """Greedy structured OBS: remove k of n_blocks column blocks of W, each step the block(s) whose
     removal (with the optimal update of the rest) raises ||W X~||-error least, tr(W_B (H⁻¹_BB)⁻¹ W_Bᵀ),
     then downdate H⁻¹ and W. `chunk` blocks are taken per step; columns past n_blocks*width (e.g. the
-    bias feature) are never removed. Returns the removed blocks in order and the error of each step."""
+    bias feature) are never removed. `row_weight` (out,) weighs each output row's error in the choice
+    (the update is row by row, so it does not change). Returns the removed blocks in order and the
+    error each one was removed at."""
     w = w.double().clone()
+    f = torch.ones(w.shape[0], dtype=w.dtype, device=w.device) if row_weight is None else row_weight.double()
     hinv = torch.cholesky_inverse(damped_cholesky(g, damp))
     alive = torch.ones(n_blocks, dtype=torch.bool, device=w.device)
     removed, errors = [], []
@@ -94,11 +97,11 @@ def obs_select(w: Tensor, g: Tensor, n_blocks: int, width: int, k: int, damp: fl
     while len(removed) < k:
         cols = block_columns(idx, width).view(n_blocks, width)             # (n, width)
         if width == 1:
-            err = w[:, :n_blocks].pow(2).sum(0) / hinv.diagonal()[:n_blocks].clamp_min(1e-30)
+            err = (f @ w[:, :n_blocks].pow(2)) / hinv.diagonal()[:n_blocks].clamp_min(1e-30)
         else:
             hbb = hinv[cols[:, :, None], cols[:, None, :]]                 # (n, width, width)
             wb = w[:, cols].permute(1, 0, 2)                               # (n, out, width)
-            err = torch.einsum("nor,nrs,nos->n", wb, torch.linalg.pinv(hbb, hermitian=True), wb)
+            err = torch.einsum("nor,nrs,nos,o->n", wb, torch.linalg.pinv(hbb, hermitian=True), wb, f)
         err = torch.where(alive, err, torch.full_like(err, float("inf")))
         take = torch.topk(-err, min(chunk, k - len(removed))).indices
         cols_t = cols[take].reshape(-1)
@@ -110,5 +113,5 @@ def obs_select(w: Tensor, g: Tensor, n_blocks: int, width: int, k: int, damp: fl
         hinv[:, cols_t] = 0
         alive[take] = False
         removed += take.tolist()
-        errors.append(float(err[take].sum()))
+        errors += err[take].tolist()
     return removed, errors

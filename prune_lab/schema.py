@@ -128,6 +128,15 @@ class FileImportanceConf(ImportanceConf):
 
 
 @dataclass
+class ObsImportanceConf(ImportanceConf):
+    _target_: str = "prune_lab.importance.ObsError"
+    damp: float = 0.01                       # Gram damping, relative to mean(diag)
+    weighted: bool = True                    # weigh output errors by the loss sensitivity E[g²]
+    chunks: int = 64                         # greedy steps per layer and projection
+    engine: Any = "${engine}"
+
+
+@dataclass
 class LayerImportanceConf:
     _target_: str = MISSING
     n_samples: Optional[int] = None
@@ -379,7 +388,8 @@ SCHEMAS = {
     "model": {"embedded": EmbeddedModelConf, "hf": HFModelConf, "pruned": PrunedModelConf,
               "random": RandomModelConf},
     "data": {"wiki_vital": WikiVitalConf, "hub": HubTextConf, "text": LocalTextConf},
-    "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf, "file": FileImportanceConf},
+    "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf, "file": FileImportanceConf,
+                   "obs": ObsImportanceConf},
     "layer_importance": {"base": LayerImportanceConf, "file": FileLayerImportanceConf},
     "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
                   "depth": DepthConf,

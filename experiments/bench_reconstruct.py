@@ -1,0 +1,173 @@
+"""Benchmark (not a test): reconstruction on lab-llama, no recovery, fp32, default calibration.
+
+    .venv/bin/python experiments/bench_reconstruct.py grid  [--jobs 2] [--work /tmp/bench_reconstruct]
+    .venv/bin/python experiments/bench_reconstruct.py qwen2                 # error reduction, 7:1 GQA vs 4:1
+    .venv/bin/python experiments/bench_reconstruct.py scale [--layers 16]   # peak RSS of an engine pass
+    .venv/bin/python experiments/bench_reconstruct.py report                # Markdown from what was measured
+
+grid: the real CLI, one job per (importance, allocator, ratio, reconstruct), a shared score cache;
+PPL on the whole wiki-vital test split; the engine pass time (the `reconstruct` stage) relative to one
+forward pass over the 64x256 calibration tokens, measured in this process. Results accumulate in
+<work>/rows.jsonl; `report` writes experiments/results/reconstruct.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "experiments" / "results" / "reconstruct.md"
+MODES = ["none", "bias", "lstsq", "obs"]
+GRID = [("taylor", alloc, ratio, mode) for ratio in (0.25, 0.5) for alloc in ("global", "uniform") for mode in MODES]
+GRID += [("obs", "global", ratio, mode) for ratio in (0.25, 0.5) for mode in ("lstsq", "obs")]
+
+
+def job(work: Path, importance: str, alloc: str, ratio: float, mode: str, extra=()) -> dict:
+    name = f"{importance}_{alloc}_{ratio}_{mode}" + "".join(f"_{e}" for e in extra)
+    run_dir = work / "runs" / name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(work / "cache"))
+    args = [f"importance={importance}", f"allocator={alloc}", f"allocator.ratio={ratio}", f"reconstruct={mode}",
+            "output.plots=false", "engine.progress=false", *extra, f"hydra.run.dir={run_dir}"]
+    with open(work / f"{name}.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "prune_lab", *args], cwd=REPO, env=env, stdout=log,
+                       stderr=subprocess.STDOUT)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    row = {"importance": importance, "allocator": alloc, "ratio": ratio, "reconstruct": mode,
+           "extra": " ".join(extra), "status": m["status"], "ppl": m.get("pruned", {}).get("ppl/data"),
+           "reconstruct_s": m["timings_s"].get("reconstruct", 0.0), "eval_s": m["timings_s"].get("evaluate"),
+           **{k: v for k, v in m.get("reconstruct", {}).items() if k.endswith(("_before", "_after"))}}
+    with open(work / "rows.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def calibration_forward_seconds() -> float:
+    import torch
+    from prune_lab.data import Calibration, TokenStreams, WikiVital
+    from prune_lab.model import EmbeddedModel
+    model, tok = EmbeddedModel(device="cpu").load()
+    batches = Calibration().batches(TokenStreams(tok)(WikiVital(), "train"), 0)
+    with torch.no_grad():
+        model(batches[0])
+        start = time.perf_counter()
+        for b in batches:
+            model(b)
+    return time.perf_counter() - start
+
+
+def grid(work: Path, jobs: int, only: str | None) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "forward.json").write_text(json.dumps({"forward_s": calibration_forward_seconds()}))
+    todo = [g for g in GRID if only is None or only in "_".join(map(str, g))]
+    # scores first (one job per importance), so parallel jobs hit the cache
+    firsts = {imp: g for g in reversed(todo) for imp in [g[0]]}
+    for g in firsts.values():
+        job(work, *g)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda g: job(work, *g), [g for g in todo if g not in firsts.values()]))
+
+
+def qwen2(work: Path) -> None:
+    """Relative output error before/after refit on random tiny models: Qwen2 7:1 GQA + qkv bias vs Llama 4:1."""
+    import torch
+    from prune_lab.allocator import Uniform
+    from prune_lab.engine import Engine
+    from prune_lab.importance import Taylor
+    from prune_lab.model import RandomModel
+    from prune_lab.reconstruct import Reconstruct, summarize
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_prune import lively
+    shapes = {"qwen2 7:1": dict(arch="qwen2", hidden_size=224, num_attention_heads=28, num_key_value_heads=4,
+                                head_dim=16),
+              "llama 4:1": dict(arch="llama", hidden_size=256, num_attention_heads=16, num_key_value_heads=4,
+                                head_dim=16)}
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 8192, (8, 128), generator=gen) for _ in range(4)]
+    rows = []
+    for name, shape in shapes.items():
+        model = lively(RandomModel(**shape, num_hidden_layers=4, intermediate_size=512, device="cpu").build())
+        plan = Uniform(0.25)(Taylor()(model, batches), __import__("prune_lab.adapter").adapter.layer_views(model))
+        for mode in ("bias", "lstsq", "obs"):
+            m = __import__("copy").deepcopy(model)
+            _, errs = Reconstruct(mode)(m, plan, batches, Engine("cpu", progress=False))
+            rows.append({"model": name, "reconstruct": mode, **summarize(errs)})
+            print(json.dumps(rows[-1]), flush=True)
+    (work / "qwen2.json").write_text(json.dumps(rows))
+
+
+def scale(work: Path, layers: int) -> None:
+    """Peak RSS of a reconstruct engine pass on a ~1B-parameter random Llama shape (CPU, fp32)."""
+    import torch
+    from prune_lab.adapter import layer_views
+    from prune_lab.engine import walk
+    from prune_lab.model import RandomModel
+    from prune_lab.plan import PruningPlan
+    from prune_lab.reconstruct import PlanRefit
+    torch.set_num_threads(2)
+    shape = dict(arch="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                 intermediate_size=8192, num_hidden_layers=layers, vocab_size=32000)
+    model = RandomModel(**shape, device="cpu").build()
+    params = sum(p.numel() for p in model.parameters())
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    batches = [torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    views = layer_views(model)
+    plan = PruningPlan(attn={v.index: [0, 1] for v in views}, mlp={v.index: list(range(2048)) for v in views})
+    start = time.time()
+    walk(model, batches, PlanRefit(plan, "lstsq", 0.01, False, 0), device="cpu", progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row = {"params_B": params / 1e9, "model_GiB": params * 4 / 2**30, "rss_after_load_GiB": rss_model,
+           "peak_rss_GiB": peak, "tokens": 2048, "seconds": time.time() - start}
+    print(json.dumps(row))
+    (work / "scale.json").write_text(json.dumps(row))
+
+
+def report(work: Path) -> None:
+    import pandas as pd
+    rows = pd.DataFrame([json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()])
+    rows = rows.drop_duplicates(["importance", "allocator", "ratio", "reconstruct", "extra"], keep="last")
+    fwd = json.loads((work / "forward.json").read_text())["forward_s"]
+    rows["engine_x_forward"] = rows["reconstruct_s"] / fwd
+    table = rows.pivot_table(index=["importance", "allocator", "reconstruct"], columns="ratio", values="ppl")
+    lines = ["# Reconstruction on lab-llama (no recovery, fp32, 64x256 calibration, dense PPL 48.13)", "",
+             f"Command: `python experiments/bench_reconstruct.py grid` (one CLI job per row, e.g. "
+             f"`python -m prune_lab importance=taylor allocator=global allocator.ratio=0.25 reconstruct=obs`).", "",
+             "## PPL (wiki-vital test)", "", table.round(2).to_markdown(), "",
+             f"## Engine pass time relative to one forward pass over the calibration set ({fwd:.1f} s here)", "",
+             rows[rows.reconstruct != "none"][["importance", "allocator", "ratio", "reconstruct", "reconstruct_s",
+                                               "engine_x_forward"]].round(2).to_markdown(index=False), "",
+             "## Mean relative output error per layer, before -> after refit", "",
+             rows[rows.reconstruct != "none"].filter(regex="importance|allocator|ratio|reconstruct$|_before|_after")
+             .round(4).to_markdown(index=False), ""]
+    for name, title in (("qwen2.json", "Qwen2 7:1 GQA (random tiny) vs Llama 4:1: mean relative error"),
+                        ("scale.json", "Scale: engine pass (lstsq) on a ~1B random Llama shape, CPU fp32")):
+        if (work / name).exists():
+            data = json.loads((work / name).read_text())
+            lines += [f"## {title}", "", pd.DataFrame(data if isinstance(data, list) else [data]).round(4)
+                      .to_markdown(index=False), ""]
+    OUT.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["grid", "qwen2", "scale", "report"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_reconstruct"))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default=None, help="run only grid rows whose name contains this")
+    ap.add_argument("--layers", type=int, default=16)
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    {"grid": lambda: grid(a.work, a.jobs, a.only), "qwen2": lambda: qwen2(a.work),
+     "scale": lambda: scale(a.work, a.layers), "report": lambda: report(a.work)}[a.what]()
+
+
+if __name__ == "__main__":
+    main()
