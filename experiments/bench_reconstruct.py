@@ -25,12 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "experiments" / "results" / "reconstruct.md"
 MODES = ["none", "bias", "lstsq", "obs"]
-GRID = [("taylor", alloc, ratio, mode) for ratio in (0.25, 0.5) for alloc in ("global", "uniform") for mode in MODES]
-GRID += [("obs", "global", ratio, mode) for ratio in (0.25, 0.5) for mode in ("lstsq", "obs")]
+GRID = [("taylor", alloc, ratio, mode, ()) for ratio in (0.25, 0.5) for alloc in ("global", "uniform") for mode in MODES]
+GRID += [("obs", "global", ratio, "obs", ()) for ratio in (0.25, 0.5)]
+GRID += [("taylor", "global", ratio, "obs", ("reconstruct.residual=false",)) for ratio in (0.25, 0.5)]
 
 
 def job(work: Path, importance: str, alloc: str, ratio: float, mode: str, extra=()) -> dict:
-    name = f"{importance}_{alloc}_{ratio}_{mode}" + "".join(f"_{e}" for e in extra)
+    extra = tuple(extra)
+    name = f"{importance}_{alloc}_{ratio}_{mode}" + "".join(f"_{e.split('.')[-1]}" for e in extra)
     run_dir = work / "runs" / name
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(work / "cache"))
     args = [f"importance={importance}", f"allocator={alloc}", f"allocator.ratio={ratio}", f"reconstruct={mode}",
@@ -66,7 +68,7 @@ def calibration_forward_seconds() -> float:
 def grid(work: Path, jobs: int, only: str | None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "forward.json").write_text(json.dumps({"forward_s": calibration_forward_seconds()}))
-    todo = [g for g in GRID if only is None or only in "_".join(map(str, g))]
+    todo = [g for g in GRID if only is None or only in "_".join(map(str, g[:4]))]
     # scores first (one job per importance), so parallel jobs hit the cache
     firsts = {imp: g for g in reversed(todo) for imp in [g[0]]}
     for g in firsts.values():
@@ -123,10 +125,10 @@ def scale(work: Path, layers: int) -> None:
     start = time.time()
     walk(model, batches, PlanRefit(plan, "lstsq", 0.01, False, 0), device="cpu", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    row = {"params_B": params / 1e9, "model_GiB": params * 4 / 2**30, "rss_after_load_GiB": rss_model,
+    row = {"layers": layers, "params_B": params / 1e9, "model_GiB": params * 4 / 2**30, "rss_after_load_GiB": rss_model,
            "peak_rss_GiB": peak, "tokens": 2048, "seconds": time.time() - start}
     print(json.dumps(row))
-    (work / "scale.json").write_text(json.dumps(row))
+    (work / f"scale_{layers}.json").write_text(json.dumps(row))
 
 
 def report(work: Path) -> None:
@@ -135,7 +137,7 @@ def report(work: Path) -> None:
     rows = rows.drop_duplicates(["importance", "allocator", "ratio", "reconstruct", "extra"], keep="last")
     fwd = json.loads((work / "forward.json").read_text())["forward_s"]
     rows["engine_x_forward"] = rows["reconstruct_s"] / fwd
-    table = rows.pivot_table(index=["importance", "allocator", "reconstruct"], columns="ratio", values="ppl")
+    table = rows.pivot_table(index=["importance", "allocator", "reconstruct", "extra"], columns="ratio", values="ppl")
     lines = ["# Reconstruction on lab-llama (no recovery, fp32, 64x256 calibration, dense PPL 48.13)", "",
              f"Command: `python experiments/bench_reconstruct.py grid` (one CLI job per row, e.g. "
              f"`python -m prune_lab importance=taylor allocator=global allocator.ratio=0.25 reconstruct=obs`).", "",
@@ -146,12 +148,14 @@ def report(work: Path) -> None:
              "## Mean relative output error per layer, before -> after refit", "",
              rows[rows.reconstruct != "none"].filter(regex="importance|allocator|ratio|reconstruct$|_before|_after")
              .round(4).to_markdown(index=False), ""]
-    for name, title in (("qwen2.json", "Qwen2 7:1 GQA (random tiny) vs Llama 4:1: mean relative error"),
-                        ("scale.json", "Scale: engine pass (lstsq) on a ~1B random Llama shape, CPU fp32")):
-        if (work / name).exists():
-            data = json.loads((work / name).read_text())
-            lines += [f"## {title}", "", pd.DataFrame(data if isinstance(data, list) else [data]).round(4)
-                      .to_markdown(index=False), ""]
+    if (work / "qwen2.json").exists():
+        lines += ["## Qwen2 7:1 GQA with q/k/v bias vs Llama 4:1 (random tiny models, uniform 25%): "
+                  "mean relative output error", "",
+                  pd.DataFrame(json.loads((work / "qwen2.json").read_text())).round(4).to_markdown(index=False), ""]
+    scale_rows = [json.loads(p.read_text()) for p in sorted(work.glob("scale_*.json"))]
+    if scale_rows:
+        lines += ["## Scale: engine pass (lstsq, 2x4x256 tokens) on random Llama shapes (hidden 2048, MLP 8192), "
+                  "CPU fp32", "", pd.DataFrame(scale_rows).round(3).to_markdown(index=False), ""]
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
 

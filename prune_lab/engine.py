@@ -28,10 +28,14 @@ from .stats import InputStats, Accumulator, token_rows  # noqa: F401  (InputStat
 
 PROPAGATE = ("pruned", "dense")
 LINEAR_PATHS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+# the norm whose input is the residual stream that attn.o / mlp.down add into (Llama family, OPT)
+RESIDUAL_NORMS = {"attn.o": ("input_layernorm", "self_attn_layer_norm"),
+                  "mlp.down": ("post_attention_layernorm", "final_layer_norm")}
 
 
 class LayerMethod(Protocol):
-    needs_gram: bool            # optional `needs_cross: bool` (default False) asks for the two streams
+    needs_gram: bool            # optional `needs_cross: bool` (default False) asks for the two streams,
+                                # optional `needs_residual: bool` also for the residual drift (attn.o, mlp.down)
 
     def stages(self, view: LayerView) -> list[list[str]]: ...
 
@@ -145,6 +149,7 @@ def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offloa
             model.model.to(homes[0])
             container.layers = layers
     needs_cross = bool(getattr(method, "needs_cross", False)) and propagate == "pruned"
+    residual = needs_cross and bool(getattr(method, "needs_residual", False))
     dense_in = list(pruned_in) if needs_cross else None
     records = []
     bar = tqdm(views, desc="engine", disable=not progress, leave=False)
@@ -157,7 +162,8 @@ def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offloa
         dense_out = None
         stage_records = []
         for stage in method.stages(view):
-            accs = {p: Accumulator(linear_at(view, p), method.needs_gram, needs_cross, device) for p in stage}
+            accs = {p: Accumulator(linear_at(view, p), method.needs_gram, needs_cross, device,
+                                   residual and p in RESIDUAL_NORMS) for p in stage}
             outs = _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, device,
                                want_out=dense_out is None and (propagate == "dense" or needs_cross))
             if outs is not None:
@@ -204,6 +210,9 @@ def _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, 
             if dense_layer is not None:
                 dense_view = layer_view(view.index, dense_layer, view.attn.head_dim)
                 handles.append(linear_at(dense_view, path).register_forward_hook(make_hook(acc)))
+            if acc.resid_cross is not None:
+                handles += [_residual_norm(mod, path).register_forward_pre_hook(_residual_hook(acc, current, slot))
+                            for mod, slot in ((layer, "res_pruned"), (dense_layer, "res_dense"))]
         for b, (x, k) in enumerate(zip(pruned_in, kw)):
             current["mask"] = masks[b]
             if dense_layer is not None:
@@ -220,6 +229,18 @@ def _stage_pass(layer, dense_layer, view, accs, pruned_in, dense_in, kw, masks, 
             h.remove()
     return outs
 
+
+def _residual_norm(layer: nn.Module, path: str) -> nn.Module:
+    for name in RESIDUAL_NORMS[path]:
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise PruneLabError(f"cannot find the residual stream of {path} in {type(layer).__name__}")
+
+
+def _residual_hook(acc, current, slot):
+    def hook(_mod, inputs):
+        setattr(acc, slot, token_rows(inputs[0], current["mask"]))
+    return hook
 
 
 class Engine:

@@ -40,10 +40,12 @@ class PlanRefit:
 
     needs_gram = True
 
-    def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_chunk: int):
+    def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_chunk: int,
+                 residual: bool = False):
         self.plan, self.mode, self.damp, self.obs_chunk = plan, mode, damp, obs_chunk
         self.with_bias = mode == "bias" or fit_bias
         self.needs_cross = True
+        self.needs_residual = residual and mode in ("lstsq", "obs")
         self.removed: dict[str, dict[int, list[int]]] = {"attn": {}, "mlp": {}}
         self.rows: list[dict] = []
 
@@ -64,6 +66,7 @@ class PlanRefit:
                                 f"Gram of layer {index} {path} ({s.count} tokens): raise calibration.n_samples")
         units = (self.plan.attn if kind == "attn" else self.plan.mlp)[index]
         g, c, d = refit.augmented(s, self.with_bias)
+        drift = refit.augmented_drift(s, self.with_bias)
         w = lin.weight.double()
         if self.with_bias:
             b = lin.bias.double() if lin.bias is not None else torch.zeros_like(w[:, 0])
@@ -71,7 +74,7 @@ class PlanRefit:
         if self.mode == "obs":
             every = torch.arange(w.shape[1], device=w.device)
             chunk = self.obs_chunk or max(1, math.ceil(len(units) / 64))
-            units, _ = refit.obs_select(refit.lstsq(w, g, c, every, self.damp), g, n_blocks, width,
+            units, _ = refit.obs_select(refit.lstsq(w, g, c, every, self.damp, drift), g, n_blocks, width,
                                         len(units), self.damp, chunk)
         cut = refit.block_columns(torch.as_tensor(sorted(units), device=w.device), width)
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
@@ -83,7 +86,7 @@ class PlanRefit:
             new = masked.clone()
             new[:, -1] = w[:, -1] + refit.bias_shift(w[:, :-1], keep[:-1], s.dense_sum / s.count, s.sum / s.count)
         else:
-            new = refit.lstsq(w, g, c, keep, self.damp)
+            new = refit.lstsq(w, g, c, keep, self.damp, drift)
         energy = max(refit.dense_energy(w, d), 1e-30)
         row = {"layer": index, "kind": kind, "removed": len(units),
                "err_before": refit.output_error(w, masked, g, c, d) / energy,
@@ -104,7 +107,8 @@ class PlanRefit:
 class Reconstruct:
     """reconstruct=<mode>: refits the consumer projections of a plan in one engine pass."""
 
-    def __init__(self, mode: str = "none", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0):
+    def __init__(self, mode: str = "none", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0,
+                 residual: bool = True):
         if mode not in MODES:
             raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
         if not damp > 0 or not math.isfinite(damp):
@@ -112,6 +116,7 @@ class Reconstruct:
         if obs_chunk < 0:
             raise PruneLabError(f"reconstruct.obs_chunk must be >= 0 (0 = automatic), got {obs_chunk}")
         self.mode, self.damp, self.fit_bias, self.obs_chunk = mode, float(damp), fit_bias, obs_chunk
+        self.residual = residual
 
     @property
     def enabled(self) -> bool:
@@ -129,7 +134,7 @@ class Reconstruct:
         if not self.enabled:
             return plan, []
         zero_units(model, PruningPlan(layers=plan.layers))      # removed layers are the identity
-        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_chunk)
+        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_chunk, self.residual)
         engine.walk(model, batches, method)
         return method.final_plan(), method.rows
 

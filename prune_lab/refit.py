@@ -45,6 +45,14 @@ def augmented(stats, with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     return g, c, d
 
 
+def augmented_drift(stats, with_bias: bool) -> Tensor | None:
+    """Σ (h - h~) x~ᵀ, with the Σ (h - h~) column for the bias feature when with_bias."""
+    if stats.resid_cross is None:
+        return None
+    r = stats.resid_cross.double()
+    return torch.cat([r, stats.resid_sum.double()[:, None]], 1) if with_bias else r
+
+
 def output_error(w: Tensor, w_new: Tensor, g: Tensor, c: Tensor, d: Tensor) -> float:
     """||W X - W' X~||² from the Gram matrices (w, w_new: full width, zero columns where removed)."""
     w, w_new = w.double(), w_new.double()
@@ -58,11 +66,15 @@ def dense_energy(w: Tensor, d: Tensor) -> float:
     return float((w @ d * w).sum())
 
 
-def lstsq(w: Tensor, g: Tensor, c: Tensor, keep: Tensor, damp: float) -> Tensor:
-    """Full-width W' (float64) with columns outside `keep` zero and W'_K = W C[:, K] (G_KK + λI)⁻¹."""
+def lstsq(w: Tensor, g: Tensor, c: Tensor, keep: Tensor, damp: float, drift: Tensor | None = None) -> Tensor:
+    """Full-width W' (float64) with columns outside `keep` zero and W'_K = W C[:, K] (G_KK + λI)⁻¹.
+    `drift` (out, in) = Σ (h - h~) x~ᵀ also makes the refit absorb the residual-stream drift."""
     w = w.double()
     gk = g[keep][:, keep]
-    rhs = (w @ c[:, keep]).T                          # (K, out)
+    rhs = w @ c[:, keep]
+    if drift is not None:
+        rhs = rhs + drift.double()[:, keep]
+    rhs = rhs.T                                       # (K, out)
     sol = torch.cholesky_solve(rhs, damped_cholesky(gk, damp)).T
     out = torch.zeros_like(w)
     out[:, keep] = sol

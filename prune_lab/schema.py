@@ -277,6 +277,7 @@ class ReconstructConf:
     damp: float = 0.01                       # Gram damping, relative to mean(diag)
     fit_bias: bool = False                   # lstsq/obs: affine fit (adds a bias to o_proj/down_proj)
     obs_chunk: int = 0                       # obs: units removed per greedy step (0 = count/64)
+    residual: bool = True                    # lstsq/obs: the refit also absorbs the residual-stream drift
 
 
 @dataclass

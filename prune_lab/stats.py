@@ -20,6 +20,8 @@ class InputStats:
     cross: Tensor | None = None       # (in, in) sum x x~ᵀ, x on the dense path (== gram on one stream)
     dense_gram: Tensor | None = None  # (in, in) sum x xᵀ on the dense path (== gram on one stream)
     dense_sum: Tensor | None = None   # (in,) sum x on the dense path (== sum on one stream)
+    resid_cross: Tensor | None = None  # (out, in) sum (h - h~) x~ᵀ: residual-stream drift where the output lands
+    resid_sum: Tensor | None = None    # (out,) sum (h - h~)
 
     @property
     def mean(self) -> Tensor:
@@ -42,7 +44,7 @@ class InputStats:
 class Accumulator:
     """Per-linear fp32 accumulators fed by forward hooks; the token mask drops padding."""
 
-    def __init__(self, lin: nn.Linear, gram: bool, cross: bool, device):
+    def __init__(self, lin: nn.Linear, gram: bool, cross: bool, device, residual: bool = False):
         n = lin.in_features
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         self.sum, self.sum_sq, self.abs_sum, self.count = z(n), z(n), z(n), 0
@@ -51,6 +53,10 @@ class Accumulator:
         self.dense_gram = z(n, n) if cross else None
         self.dense_sum = z(n) if cross else None
         self.dense_x: Tensor | None = None
+        self.resid_cross = z(lin.out_features, n) if residual else None
+        self.resid_sum = z(lin.out_features) if residual else None
+        self.res_dense: Tensor | None = None     # set by the residual hooks before each add
+        self.res_pruned: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
         self.sum += x.sum(0)
@@ -64,12 +70,16 @@ class Accumulator:
             self.cross.addmm_(d.T, x)
             self.dense_gram.addmm_(d.T, d)
             self.dense_sum += d.sum(0)
+        if self.resid_cross is not None:
+            r = self.res_dense - self.res_pruned
+            self.resid_cross.addmm_(r.T, x)
+            self.resid_sum += r.sum(0)
 
     def stats(self) -> InputStats:
         single = self.cross is None
         return InputStats(self.sum, self.sum_sq, self.abs_sum, self.count, self.gram,
                           self.gram if single else self.cross, self.gram if single else self.dense_gram,
-                          self.sum if single else self.dense_sum)
+                          self.sum if single else self.dense_sum, self.resid_cross, self.resid_sum)
 
 
 def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:

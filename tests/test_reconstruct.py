@@ -41,6 +41,7 @@ def hooked(model, batches, lin_of):
 def refit_model(arch="llama", mode="lstsq", plan=PLAN, engine=CPU, **kw):
     dense = lively(tiny_model(arch))
     model = copy.deepcopy(dense)
+    kw.setdefault("residual", False)
     final, rows = Reconstruct(mode, damp=0.01, **kw)(model, plan, calib(), engine)
     return dense, model, final, rows
 
@@ -192,3 +193,19 @@ def test_bad_damp_and_mode_raise_at_build():
         Reconstruct("lstsq", damp=-1)
     with pytest.raises(PruneLabError, match="mode"):
         Reconstruct("magic")
+
+
+def test_residual_refit_absorbs_the_drift_of_the_residual_stream():
+    """residual=true, layer 1 down_proj: W'_K = (W X + (R - R~)) X~_Kᵀ (X~_K X~_Kᵀ + λI)⁻¹ where R, R~ are the
+    residual streams down_proj adds into (inputs of post_attention_layernorm) on the dense / pruned path."""
+    dense, model, _, _ = refit_model(residual=True)
+    down = lambda m: layer_views(m)[1].mlp.down  # noqa: E731
+    norm = lambda m: layer_views(m)[1].module.post_attention_layernorm  # noqa: E731
+    x, xt = hooked(dense, calib(), down).T, hooked(model, calib(), down).T
+    r, rt = hooked(dense, calib(), norm).T, hooked(model, calib(), norm).T
+    keep = torch.tensor([j for j in range(48) if j not in PLAN.mlp[1]])
+    w, xk = down(dense).weight.double(), xt[keep]
+    h = xk @ xk.T
+    expected = (w @ x + r - rt) @ xk.T @ torch.linalg.inv(h + 0.01 * h.diagonal().mean() * torch.eye(len(h)))
+    torch.testing.assert_close(down(model).weight.double()[:, keep], expected, atol=2e-4, rtol=1e-3)
+    assert (r - rt).abs().max() > 1e-3                   # there was drift to absorb
