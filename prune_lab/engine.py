@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapter import LayerView, layer_container, layer_view, layer_views
 from .errors import PruneLabError
+from .capture import capture, split_batch, to_device  # noqa: F401  (split_batch: part of the API)
 from .stats import InputStats, Accumulator, token_rows  # noqa: F401  (InputStats: part of the API)
 
 PROPAGATE = ("pruned", "dense")
@@ -50,75 +50,8 @@ def linear_at(view: LayerView, path: str) -> nn.Linear:
     return getattr(getattr(view, part), name)
 
 
-class _StopCapture(Exception):
-    pass
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during capture: records its inputs, computes nothing."""
-
-    def __init__(self, index: int, last: bool, attention_type: str | None, sink: list):
-        super().__init__()
-        self.index, self.last, self.sink = index, last, sink
-        if attention_type is not None:
-            self.attention_type = attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise PruneLabError("decoder layer called with positional extras: unsupported model")
-        self.sink.append((hidden_states, kwargs))
-        if self.last:
-            raise _StopCapture
-        return hidden_states
-
-
-def split_batch(batch) -> tuple[Tensor, Tensor | None]:
-    """A batch is input ids [B, T] or a mapping with input_ids and an optional attention_mask."""
-    if isinstance(batch, Mapping):
-        return batch["input_ids"], batch.get("attention_mask")
-    return batch, None
-
-
-@torch.no_grad()
-def capture(model: nn.Module, batches, device, store) -> tuple[list, list, list]:
-    """Hidden states entering layer 0 (on `store`), per-layer kwargs (per batch) and token masks."""
-    container = layer_container(model)          # model.model (model.model.decoder on OPT)
-    layers = container.layers
-    hidden, kwargs, masks = [], [], []
-    sink: list = []
-    recorders = nn.ModuleList(_Recorder(i, i == len(layers) - 1, getattr(layer, "attention_type", None), sink)
-                              for i, layer in enumerate(layers))
-    container.layers = recorders
-    try:
-        for batch in batches:
-            ids, attn_mask = split_batch(batch)
-            sink.clear()
-            try:
-                model.model(input_ids=ids.to(device),
-                            attention_mask=None if attn_mask is None else attn_mask.to(device),
-                            use_cache=False)
-            except _StopCapture:
-                pass
-            hidden.append(sink[0][0].to(store))
-            kwargs.append([kw for _, kw in sink])
-            masks.append(None if attn_mask is None else attn_mask.bool().to(device))
-    finally:
-        container.layers = layers
-    return hidden, kwargs, masks
-
-
-def _to(obj, device):
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _run(layer: nn.Module, x: Tensor, kwargs: dict, device) -> Tensor:
-    out = layer(x.to(device), **_to(kwargs, device))
+    out = layer(x.to(device), **to_device(kwargs, device))
     return out[0] if isinstance(out, tuple) else out
 
 
