@@ -89,6 +89,26 @@ def plot_kept_units(plan, scores, path: Path, group_sizes: list[int] | None = No
     return save(fig, path)
 
 
+def value_scale(values: np.ndarray) -> tuple[str, dict]:
+    """linear, or log (symlog if some values are <= 0) when the values span more than 30x their median."""
+    magnitude = np.abs(values[values != 0])
+    if len(magnitude) < 2 or magnitude.max() <= 30 * np.median(magnitude):
+        return "linear", {}
+    if (values > 0).all():
+        return "log", {}
+    return "symlog", {"linthresh": float(np.median(magnitude))}
+
+
+def pareto_labels(names, xs, ys) -> list[tuple[str, float, float]]:
+    """One label per point of the front: the runs' own dir names (not their paths), merged when
+    runs land on the same point (more than 3 become "first +n"), ordered along x."""
+    points: dict[tuple, list[str]] = {}
+    for name, xi, yi in zip(names, xs, ys):
+        points.setdefault((xi, yi), []).append(Path(str(name)).name)
+    return [(", ".join(same) if len(same) <= 3 else f"{same[0]} +{len(same) - 1}", xi, yi)
+            for (xi, yi), same in sorted(points.items())]
+
+
 def plot_layer_importance(layer_scores, removed_layers: list[int], path: Path) -> Path:
     """Bars per layer; a log axis (symlog if some scores are <= 0) when they span > 30x, so an
     outlier such as removal's layer 0 does not flatten the rest. Values are written on the bars."""
@@ -97,13 +117,8 @@ def plot_layer_importance(layer_scores, removed_layers: list[int], path: Path) -
     colors = np.where(np.isin(x, removed_layers), LAYER_GONE, KEPT)
     fig, (ax,) = new_figure(max(6.0, 0.3 * len(values) + 3), 3.6)
     ax.bar(x, values, color=colors)
-    magnitude = np.abs(values[values != 0])
-    scale = "linear"
-    if len(magnitude) >= 2 and magnitude.max() > 30 * np.median(magnitude):
-        if (values > 0).all():
-            ax.set_yscale(scale := "log")
-        else:
-            ax.set_yscale(scale := "symlog", linthresh=float(np.median(magnitude)))
+    scale, options = value_scale(values)
+    ax.set_yscale(scale, **options)
     if len(values) <= 48:
         for xi, v in zip(x, values):
             ax.text(xi, v, f"{v:.3g}", ha="center", va="bottom" if v >= 0 else "top", fontsize=6, rotation=90)
@@ -211,13 +226,9 @@ def plot_pareto(frame: pd.DataFrame, x: str, y: str, path: Path, label: str = "r
     fig, (ax,) = new_figure(6.5, 4.5)
     ax.scatter(xs[~front], ys[~front], color="#cbd5e0", edgecolor="grey", label="dominated")
     ax.plot(xs[front][order], ys[front][order], "-o", color=KEPT, label=f"Pareto front ({front.sum()})")
-    names: dict[tuple, list[str]] = {}                  # runs landing on the same point share a label
-    for name, xi, yi in zip(data.loc[front, label], xs[front], ys[front]):
-        names.setdefault((xi, yi), []).append(Path(str(name)).name)   # the job's own dir, not its path
-    for k, ((xi, yi), same) in enumerate(sorted(names.items())):   # alternate sides along the front
-        text = ", ".join(same) if len(same) <= 3 else f"{same[0]} +{len(same) - 1}"
+    for k, (text, xi, yi) in enumerate(pareto_labels(data.loc[front, label], xs[front], ys[front])):
         ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(6, 6) if k % 2 else (-6, -10),
-                    ha="left" if k % 2 else "right", fontsize=7)
+                    ha="left" if k % 2 else "right", fontsize=7)     # alternate sides along the front
     ax.set_xlabel(f"{x} (lower is better)")
     ax.set_ylabel(f"{y} (lower is better)")
     ax.set_title(f"Pareto front: {y} vs {x} ({len(data)} runs)", fontsize=10)

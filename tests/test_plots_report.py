@@ -13,7 +13,7 @@ from matplotlib.image import imread
 
 from conftest import REPO, tiny_overrides
 from prune_lab.data import WikiVital
-from prune_lab.plots import pareto_mask
+from prune_lab.plots import pareto_labels, pareto_mask, value_scale
 from prune_lab.report import main as report_main
 from prune_lab.report import to_markdown
 
@@ -133,3 +133,18 @@ def test_markdown_table_formats_numbers_and_gaps():
     frame = pd.DataFrame({"run": ["a", "b"], "ppl/data": [50.9512, np.nan], "params": [1000.0, 20.0]})
     assert to_markdown(frame) == ("| run | ppl/data | params |\n|---|---|---|\n"
                                   "| a | 50.95 | 1000 |\n| b |  | 20 |\n")
+
+
+def test_layer_importance_axis_is_readable_with_an_outlier():
+    assert value_scale(np.array([3478.0, 0.5, 2.0, 11.0, 4.0])) == ("log", {})      # removal's layer 0
+    scale, options = value_scale(np.array([3478.0, -0.2, 2.0, 11.0, 4.0]))
+    assert scale == "symlog" and options["linthresh"] == pytest.approx(4.0)
+    assert value_scale(np.array([0.1, 0.3, 0.2])) == ("linear", {})              # activation scores
+
+
+def test_pareto_labels_are_short_and_merged():
+    names = ["multirun/2026-11-23/10-00-00/0", "multirun/2026-11-23/10-00-00/1", "multirun/x/2", "m/3", "m/4",
+             "m/5"]
+    labels = pareto_labels(names, [1.0, 1.0, 2.0, 3.0, 3.0, 3.0], [5.0, 5.0, 4.0, 2.0, 2.0, 2.0])
+    assert labels == [("0, 1", 1.0, 5.0), ("2", 2.0, 4.0), ("3, 4, 5", 3.0, 2.0)]
+    assert pareto_labels(list("abcd"), [1.0] * 4, [1.0] * 4) == [("a +3", 1.0, 1.0)]
