@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,6 +93,40 @@ def text_job(tmp_path, *extra: str):
         write_small_corpus(tmp_path)
     return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={tmp_path}/train.txt",
                        f"data.test={tmp_path}/test.txt", *extra)
+
+
+@torch.no_grad()
+def lively(model, seed: int = 0):
+    """Re-draw weights at O(1) logit scale so that zeroing the wrong unit shows up far above 1e-5."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if "norm" in name:
+            p.copy_(1 + 0.2 * noise)
+        elif name.endswith("bias"):
+            p.copy_(0.2 * noise)
+        elif "embed" in name:
+            p.copy_(noise)
+        else:
+            p.copy_(noise / p.shape[1] ** 0.5)
+    return model
+
+
+def left_padded(batch: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones_like(batch)
+    for row, n in enumerate(pads):
+        batch[row, :n], mask[row, :n] = 0, 0
+    return batch, mask
+
+
+def run_cli(*overrides: str, run_dir, cache, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
+    """`python -m prune_lab` in a subprocess (for what only the CLI does: exit codes, stderr lines)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, "-m", "prune_lab", *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def tokens(n: int = 2, length: int = 16, vocab: int = 8192, seed: int = 0) -> torch.Tensor:

@@ -10,18 +10,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
+import conftest
 from conftest import REPO, compose_job, tiny_overrides
 from prune_lab.errors import PruneLabError
 from prune_lab.pipeline import run
 
 
 def run_cli(*overrides: str, tmp_path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "prune_lab", *overrides, f"hydra.run.dir={tmp_path}/run"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return conftest.run_cli(*overrides, run_dir=tmp_path / "run", cache=tmp_path / "cache", check=check)
 
 
 def metrics(tmp_path) -> dict:

@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, tiny_model, tokens
+from conftest import ALL_ARCHS, left_padded, lively, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.engine import InputStats, walk
 from prune_lab.errors import PruneLabError
-from test_prune import left_padded, lively
 
 
 class Observe:

@@ -8,14 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import LAB_MODEL, TINY, tiny_overrides, tokens
+from conftest import LAB_MODEL, TINY, lively, run_cli, tiny_overrides, tokens
 from prune_lab.errors import PruneLabError
 from prune_lab.export import export_hf
 from prune_lab.model import RandomModel
 from prune_lab.plan import PruningPlan
 from prune_lab.prune import apply_plan
-from test_checkpoint import run_cli
-from test_prune import lively
 
 # More KV groups than the conftest shapes, so that removing one leaves a head count that does not
 # divide hidden_size (6 of 8 on hidden 64; 12 of 14 on qwen2's 112): the case LlamaConfig refuses.

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model, tokens
+from conftest import lively, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.importance import Magnitude, Random, Taylor, Wanda
-from test_prune import lively
 
 BATCHES = [tokens(2, 12, seed=s) for s in (1, 2, 3)]
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model, tokens
+from conftest import lively, tiny_model, tokens
 from prune_lab.eval.ppl import nll_sum
 from prune_lab.layer_importance import Activation, Removal, bypassed
 from prune_lab.plan import PruningPlan
 from prune_lab.prune import zero_units
-from test_prune import lively
 
 BATCHES = [tokens(2, 16, seed=s) for s in (4, 5)]
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, compose_job, tiny_model, tokens
+from conftest import ALL_ARCHS, compose_job, lively, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.allocator import Global
 from prune_lab.gradients import GradientStatistics
 from prune_lab.importance import Taylor
 from prune_lab.pipeline import build
-from test_prune import lively
 
 BATCHES = [tokens(2, 12, seed=s) for s in (1, 2, 3)]
 

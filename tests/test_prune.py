@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, TINY, tiny_model, tokens
+from conftest import ALL_ARCHS, TINY, left_padded, lively, tiny_model, tokens
 from prune_lab.adapter import decoder_layers, decoder_linear_params, layer_views
 from prune_lab.allocator import Global
 from prune_lab.model import RandomModel
@@ -20,36 +20,12 @@ MIXED_PLAN = dict(attn={0: [1], 2: [0]}, mlp={0: [0, 5, 17], 2: list(range(0, 48
 WIDTH_ONLY_PLAN = dict(attn={1: [0]}, mlp={0: [3, 4], 1: list(range(20)), 2: [47]})
 
 
-@torch.no_grad()
-def lively(model, seed: int = 0):
-    """Re-draw weights at O(1) logit scale so that zeroing the wrong unit shows up far above 1e-5."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if "norm" in name:
-            p.copy_(1 + 0.2 * noise)
-        elif name.endswith("bias"):
-            p.copy_(0.2 * noise)
-        elif "embed" in name:
-            p.copy_(noise)
-        else:
-            p.copy_(noise / p.shape[1] ** 0.5)
-    return model
-
-
 def pair(arch, plan_kwargs, impl="sdpa"):
     """(pruned model, dense twin with the plan's units zeroed, untouched dense model)."""
     dense = lively(tiny_model(arch, attn_implementation=impl))
     plan = PruningPlan(**plan_kwargs)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     return pruned, zero_units(copy.deepcopy(dense), plan), dense
-
-
-def left_padded(batch: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = torch.ones_like(batch)
-    for row, n in enumerate(pads):
-        batch[row, :n], mask[row, :n] = 0, 0
-    return batch, mask
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_overrides, tokens
+from conftest import lively, tiny_model, tiny_overrides, tokens
 from prune_lab import refit
 from prune_lab.adapter import layer_views
 from prune_lab.checkpoint import save_pruned
@@ -18,7 +18,6 @@ from prune_lab.plan import PruningPlan
 from prune_lab.prune import apply_plan
 from prune_lab.reconstruct import Reconstruct
 from test_cli import error_lines, metrics, run_cli
-from test_prune import lively
 
 PLAN = PruningPlan(attn={0: [1], 2: [0]}, mlp={0: [0, 5, 17], 1: list(range(0, 48, 3)), 2: [3, 4]})
 CPU = Engine("cpu", progress=False)
