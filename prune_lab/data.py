@@ -143,7 +143,7 @@ def load_named(name: str):
     else:                                            # from Python: the package's configs
         with initialize_config_dir(config_dir=str(CONF_DATA.parent)):
             node = compose_data()
-    return instantiate(node)
+    return instantiate(node, _execution_whitelist_="prune_lab.*")
 
 
 class TokenStreams:

@@ -32,13 +32,14 @@ from .study import PlanMemo
 from .verify import require_passed, verify_pruning
 
 log = logging.getLogger("prune_lab")
+TARGETS = "prune_lab.*"     # the only `_target_`s a job may instantiate (Hydra's execution whitelist)
 STRUCTURED, NO_QUANT = "prune_lab.method.Structured", "prune_lab.quant.NoQuant"
 
 
 def build(node, **kwargs):
     """instantiate(node), surfacing our own PruneLabError instead of Hydra's wrapper."""
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, _execution_whitelist_=TARGETS, **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, PruneLabError):
             raise e.__cause__ from None
