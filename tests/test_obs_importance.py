@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model, tokens
+from conftest import lively, tiny_model, tokens
 from prune_lab import refit
 from prune_lab.adapter import layer_views
 from prune_lab.importance import ObsError
 from prune_lab.obs_importance import output_sensitivity
-from test_prune import lively
 from test_reconstruct import brute_force_obs, hooked
 
 
