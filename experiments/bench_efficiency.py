@@ -112,7 +112,8 @@ def main():
     for name, (_, desc) in models.items():
         cells = []
         for b in batch_sizes:
-            pre, dec = med(name, f"efficiency/bs{b}/prefill_tokens_per_s"), med(name, f"efficiency/bs{b}/decode_tokens_per_s")
+            pre = med(name, f"efficiency/bs{b}/prefill_tokens_per_s")
+            dec = med(name, f"efficiency/bs{b}/decode_tokens_per_s")
             rel = (lambda v, k: f" ({v / med(base, k):.2f}×)" if base else "")
             cells += [f"{pre:,.0f}{rel(pre, f'efficiency/bs{b}/prefill_tokens_per_s')}",
                       f"{dec:,.1f}{rel(dec, f'efficiency/bs{b}/decode_tokens_per_s')}",

@@ -55,7 +55,8 @@ def plain_config(model: nn.Module):
         return out
     except Exception as e:  # noqa: BLE001 - transformers raises its own validation error classes
         refusal = str(e).strip().splitlines()[-1].strip()
-    if config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    biased = config.to_dict().get("attention_bias") or config.to_dict().get("mlp_bias")
+    if config.model_type != "llama" or biased:
         raise PruneLabError(f"transformers refuses the pruned {config.model_type} shape "
                             f"({shape['q_heads']} query / {shape['kv_heads']} KV heads, hidden "
                             f"{config.hidden_size}): {refusal}")

@@ -4,7 +4,8 @@ Each decoder weight's gradient is folded into its accumulator the moment autogra
 (a post-accumulate-grad hook) and then freed, so no full set of `.grad` tensors is ever alive:
 
 * first order: the fp32 sum of gradients per weight (|θ·ḡ| needs the per-weight mean before the
-  absolute value), kept on the model's device or, with `offload=True`, in (pinned) CPU memory;
+  absolute value), kept on the model's device or, with `offload=True`, in CPU memory (each
+  gradient crosses through one reused pinned buffer);
 * second order: ½·θ²·E[g²] reduced per unit inside the hook (a few numbers per layer).
 
 `checkpointed(model)` recomputes each decoder layer's activations in the backward pass instead
@@ -31,9 +32,9 @@ class GradientStatistics:
         self.terms = [(v.index, lin, name, kind, reduce) for v in views
                       for lin, name, kind, reduce in unit_terms(v)]
         self.params = [getattr(lin, name) for _, lin, name, _, _ in self.terms]
-        pin = offload and torch.cuda.is_available()
-        self.grad_sum = {p: torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin,
-                                        device="cpu" if offload else p.device) for p in self.params}
+        self.grad_sum = {p: torch.zeros(p.shape, dtype=torch.float32, device="cpu" if offload else p.device)
+                         for p in self.params}
+        self._staging: dict[torch.dtype, torch.Tensor] = {}      # pinned host buffer per grad dtype
         self.fisher = zero_scores(views) if second_order else None
         self._handles = []
 
@@ -53,11 +54,21 @@ class GradientStatistics:
     def _fold(self, p: torch.Tensor, layer: int, kind: str, reduce) -> None:
         g = p.grad
         acc = self.grad_sum[p]
-        acc.add_(g if acc.device == g.device else g.to(acc.device))   # mixed dtypes: one fused pass
+        acc.add_(g if acc.device == g.device else self._to_host(g))   # mixed dtypes: one fused pass
         if self.second_order:
-            sq = p.detach().to(torch.float32, copy=True).mul_(g).square_()                # (θ·g)², one layer's tensor at a time
+            sq = p.detach().to(torch.float32, copy=True).mul_(g).square_()   # (θ·g)², one tensor at a time
             getattr(self.fisher, kind)[layer] += reduce(sq)
         p.grad = None
+
+    def _to_host(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in host memory, through one reused pinned buffer (fast device-to-host copy)."""
+        if g.device.type != "cuda":
+            return g.to("cpu")
+        need = max(p.numel() for p in self.params)
+        buf = self._staging.get(g.dtype)
+        if buf is None:
+            buf = self._staging[g.dtype] = torch.empty(need, dtype=g.dtype, pin_memory=True)
+        return buf[: g.numel()].view(g.shape).copy_(g)
 
     @torch.no_grad()
     def scores(self, n_batches: int) -> UnitScores:

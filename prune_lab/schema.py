@@ -111,7 +111,7 @@ class ImportanceConf:
 class TaylorConf(ImportanceConf):
     _target_: str = "prune_lab.importance.Taylor"
     second_order: bool = False
-    offload: bool = False                    # per-weight fp32 gradient sums in (pinned) CPU memory
+    offload: bool = False                    # per-weight fp32 gradient sums in CPU memory
     gradient_checkpointing: bool = False     # recompute decoder layers in the backward pass
 
 

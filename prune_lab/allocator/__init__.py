@@ -7,4 +7,5 @@ from .layerwise import Layerwise
 from .uniform import Uniform
 from .uniform_shape import UniformShape
 
-__all__ = ["Allocator", "Uniform", "UniformShape", "align_plan", "check_alignment", "Layerwise", "Global", "Depth", "unit_table", "parse_distribution"]
+__all__ = ["Allocator", "Uniform", "UniformShape", "Layerwise", "Global", "Depth", "unit_table",
+           "parse_distribution", "align_plan", "check_alignment"]
