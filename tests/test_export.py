@@ -93,3 +93,14 @@ def test_cli_exports_uniform_shape_and_refuses_global(tmp_path):
     assert len(lines) == 1 and "share one shape" in lines[0]
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["status"] == "failed"
     assert not (tmp_path / "b" / "hf").exists()
+
+
+def test_cli_multiple_of_wider_than_a_layer_fails_before_scoring(tmp_path):
+    tiny = tiny_overrides("llama", tmp_path) + ["output.plots=false", "allocator.multiple_of=64"]
+    bad = run_cli(*tiny, run_dir=tmp_path / "a", cache=tmp_path / "cache")
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("prune_lab: error:")]
+    assert lines == ["prune_lab: error: allocator.multiple_of=64 is larger than layer 0's MLP width 48 or "
+                     "query width 64"]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "score" not in metrics["timings_s"]
