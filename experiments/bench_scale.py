@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prune_lab.adapter import decoder_linear_params, layer_views  # noqa: E402
 from prune_lab.allocator import Global  # noqa: E402
+from prune_lab.eval.efficiency import measure  # noqa: E402
 from prune_lab.importance import Taylor, Wanda  # noqa: E402
 from prune_lab.prune import apply_plan  # noqa: E402
 
@@ -48,11 +49,11 @@ def timed(fn):
 
 @torch.no_grad()
 def throughput(model, seq_len: int, gen: int, batch: int = 1) -> tuple[float, float]:
+    """Prefill and decode tokens/s by prune_lab's efficiency timer (device sync, warm-up, KV-cache
+    decode loop, median of 5; the earlier version timed one cold `generate` minus one prefill)."""
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=model.device)
-    model(x)  # warm-up
-    _, t_prefill, _ = timed(lambda: model(x))
-    _, t_gen, _ = timed(lambda: model.generate(x, max_new_tokens=gen, min_new_tokens=gen, do_sample=False))
-    return batch * seq_len / t_prefill, batch * gen / max(t_gen - t_prefill, 1e-9)
+    t = measure(model, x, gen, repeats=5, warmup=1)
+    return t["prefill_tokens_per_s"], t["decode_tokens_per_s"]
 
 
 def main():
