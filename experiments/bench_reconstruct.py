@@ -120,14 +120,15 @@ def scale(work: Path, layers: int) -> None:
     model = RandomModel(**shape, device="cpu").build()
     params = sum(p.numel() for p in model.parameters())
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    batches = [torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    # the 8192-wide down_proj Gram needs at least 8192 tokens: 9 batches of 4x256
+    batches = [torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(i)) for i in range(9)]
     views = layer_views(model)
     plan = PruningPlan(attn={v.index: [0, 1] for v in views}, mlp={v.index: list(range(2048)) for v in views})
     start = time.time()
     walk(model, batches, PlanRefit(plan, "lstsq", 0.01, False, 0), device="cpu", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row = {"layers": layers, "params_B": params / 1e9, "model_GiB": params * 4 / 2**30, "rss_after_load_GiB": rss_model,
-           "peak_rss_GiB": peak, "tokens": 2048, "seconds": time.time() - start}
+           "peak_rss_GiB": peak, "tokens": sum(b.numel() for b in batches), "seconds": time.time() - start}
     print(json.dumps(row))
     (work / f"scale_{layers}.json").write_text(json.dumps(row))
 
