@@ -69,7 +69,7 @@ def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
     sys.path.insert(0, str(REPO))
     from prune_lab.eval.ppl import perplexity
     torch.manual_seed(0)
-    data = torch.load(tokens_path)
+    data = torch.load(tokens_path, weights_only=True)   # a dict of token tensors written above
     cal = data["calibration"]
     dataset = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
     dense = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
