@@ -1,4 +1,4 @@
-"""One source per default: every option schema (prune_lab/schema.py) states exactly its target's
+"""One source per default: every option schema (prune_lab/schema/) states exactly its target's
 __init__ defaults, and an option YAML only departs from them where it is a deliberate preset."""
 from __future__ import annotations
 

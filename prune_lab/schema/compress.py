@@ -1,0 +1,88 @@
+"""Schemas of the unstructured / quantization family (method, quant) and of recovery (finetune)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ---- method (structured | sparsegpt | wanda | magnitude) and quant (none | uniform | mixed) ---------
+@dataclass
+class MethodConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class UnstructuredConf(MethodConf):
+    sparsity: float = 0.5                    # fraction of weights zeroed per layer (ignored when N:M)
+    prune_n: int = 0                         # N:M: N zeros in every M consecutive inputs (0 = off)
+    prune_m: int = 0
+    blocksize: int = 128                     # OBS/GPTQ lazy-update block (columns)
+    damp: float = 0.01                       # Hessian damping, fraction of mean diag(H)
+    true_sequential: bool = False            # stages q/k/v, o, gate/up, down instead of one per layer
+
+
+@dataclass
+class QuantConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class UniformQuantConf(QuantConf):
+    _target_: str = "prune_lab.quant.Uniform"
+    bits: int = 4
+    sym: bool = True
+    group_size: Optional[int] = None         # null: one scale per output channel
+    bits_options: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    act_order: bool = False                  # GPTQ columns by decreasing diag(H), static groups
+
+
+@dataclass
+class MixedQuantConf(QuantConf):
+    _target_: str = "prune_lab.quant.Mixed"
+    bits_options: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    weights: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.15, 0.25, 0.10])
+    allocation: str = "budget"               # quantile | budget | threshold3
+    target_avg_bits: Optional[float] = 4.0
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 1.2])
+    sym: bool = True
+    group_size: Optional[int] = None
+    act_order: bool = False
+    score_power: float = 1.0                 # budget: minimise sum score^p * error(bits)
+
+
+# ---- finetune ------------------------------------------------------------------------------
+@dataclass
+class FinetuneConf:
+    _target_: str = MISSING
+
+
+@dataclass
+class TrainConf(FinetuneConf):
+    lr: float = 2e-4
+    max_steps: int = 200
+    epochs: Optional[int] = None            # if set, overrides max_steps (passes over the split)
+    batch_size: int = 8
+    seq_len: int = 256
+    split: str = "train"
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraConf(TrainConf):
+    _target_: str = "prune_lab.finetune.LoRA"
+    lr: float = 2e-3
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(DECODER_LINEARS))
+
+
+@dataclass
+class FullConf(TrainConf):
+    _target_: str = "prune_lab.finetune.Full"
+    lr: float = 5e-5

@@ -1,0 +1,109 @@
+"""Schemas of evaluation, output, cache and search, and the whole job (JobConf)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+from .compress import FinetuneConf, MethodConf, QuantConf
+from .inputs import CalibrationConf, DataConf, ModelConf
+from .pruning import (AllocatorConf, EngineConf, ImportanceConf, LayerImportanceConf,
+                      ReconstructConf)
+
+
+# ---- eval ----------------------------------------------------------------------------------
+@dataclass
+class PPLConf:
+    datasets: List[str] = field(default_factory=lambda: ["data"])   # "data" = the job's dataset
+    split: str = "test"
+    seq_len: int = 256
+    batch_size: int = 16
+    max_windows: Optional[int] = None
+
+
+@dataclass
+class ZeroShotConf:
+    tasks: List[str] = MISSING              # lm_eval task names; [] = skip zero-shot
+    num_fewshot: int = 0
+    batch_size: int = 8
+    limit: Optional[int] = None
+    include_path: Optional[str] = None       # directory of local task yaml files
+
+
+@dataclass
+class EfficiencyConf:
+    prompt_len: int = 128
+    gen_tokens: int = 32
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 5
+    warmup: int = 1
+
+
+@dataclass
+class EvalConf:
+    _target_: str = "prune_lab.eval.Evaluator"
+    before: bool = False                     # also evaluate the dense model
+    ppl: Optional[PPLConf] = None           # every conf/eval option sets it: the job's objective
+    zeroshot: Optional[ZeroShotConf] = None
+    efficiency: Optional[EfficiencyConf] = None
+
+
+# ---- job -----------------------------------------------------------------------------------
+class ExportFormat(Enum):
+    hf = 1                                   # a plain Hugging Face directory (uniform layer shapes only)
+
+
+@dataclass
+class OutputConf:
+    save_model: bool = False
+    export: Optional[ExportFormat] = None    # hf: also write run_dir/hf, loadable by from_pretrained
+    plots: bool = True
+    save_scores: bool = True
+
+
+@dataclass
+class CacheConf:
+    enabled: bool = True
+    dir: Optional[str] = None               # set in conf/config.yaml (env PRUNE_LAB_CACHE)
+    keep_dense: bool = True                 # multirun: keep the dense model + token streams in memory
+
+
+class Objective(Enum):
+    ppl = 1                                  # perplexity (single objective)
+    ppl_params = 2                           # (perplexity, remaining parameters): multi-objective studies
+
+
+@dataclass
+class SearchConf:
+    """Values an Optuna preset samples and interpolates into the job (conf/experiment/optuna_*)."""
+    attn_share: Optional[float] = None      # attention's share of the removed params out of 10
+    w_activation: Optional[float] = None    # experiment=optuna_mixed: the five score weights ...
+    w_hessian: Optional[float] = None
+    w_weight: Optional[float] = None
+    w_output: Optional[float] = None
+    w_stability: Optional[float] = None
+    score_power: Optional[float] = None     # ... and the budget allocation's score power
+
+
+@dataclass
+class JobConf:
+    seed: int = 0
+    verify: bool = False                     # check pruned logits == dense logits with units zeroed
+    model: ModelConf = MISSING
+    data: DataConf = MISSING
+    calibration: CalibrationConf = field(default_factory=CalibrationConf)
+    importance: ImportanceConf = MISSING
+    layer_importance: Optional[LayerImportanceConf] = None
+    allocator: Optional[AllocatorConf] = MISSING     # null (allocator=none): analyse only
+    reconstruct: ReconstructConf = MISSING
+    engine: EngineConf = field(default_factory=EngineConf)
+    finetune: FinetuneConf = MISSING
+    eval: EvalConf = MISSING
+    output: OutputConf = field(default_factory=OutputConf)
+    cache: CacheConf = field(default_factory=CacheConf)
+    objective: Objective = Objective.ppl     # what the task function returns to a sweeper
+    search: SearchConf = field(default_factory=SearchConf)
+    method: MethodConf = MISSING
+    quant: QuantConf = MISSING
