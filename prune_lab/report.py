@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .errors import PruneLabError
+from .markdown import format_cell, to_markdown
 from .rundir import dead_fields
 
 FIRST_COLUMNS = ["run", "status"]
@@ -179,23 +179,6 @@ def common_overrides(frame: pd.DataFrame) -> str:
     return " ".join(f"{c}={format_cell(frame[c].dropna().iloc[0])}" for c in fixed if frame[c].notna().any())
 
 
-def format_cell(value) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
 def is_multi_objective_study(roots: list[Path]) -> bool:
     """hydra-optuna-sweeper writes `solutions` (the Pareto set) instead of best_value then."""
     return any("solutions" in (yaml.safe_load(p.read_text()) or {})
@@ -224,7 +207,7 @@ def report(dirs: list[str], out: str | None = None, sort: str | None = None, des
     markdown = f"Common overrides: `{common}`\n\n{markdown}" if common else markdown
     write_text_atomic(out_dir / "report.md", markdown)
     print(markdown, end="")
-    from .plots import write_sweep_plots
+    from .sweep_plots import write_sweep_plots
     for path in write_sweep_plots(ok, out_dir, knobs, ppl_columns(ok), swept, pareto):
         print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {out_dir / 'report.csv'} and report.md ({len(frame)} runs)", file=sys.stderr)

@@ -13,9 +13,10 @@ from matplotlib.image import imread
 
 from conftest import REPO, tiny_overrides
 from prune_lab.data import WikiVital
-from prune_lab.plots import pareto_labels, pareto_mask, value_scale
+from prune_lab.plots import value_scale
+from prune_lab.sweep_plots import pareto_labels, pareto_mask
 from prune_lab.report import main as report_main
-from prune_lab.report import to_markdown
+from prune_lab.markdown import to_markdown
 
 PLOTS = ("kept_units.png", "score_histogram.png", "layer_importance.png")
 
