@@ -14,7 +14,8 @@ from torch import Tensor
 from .adapter import LayerView, view_linears
 from .errors import PruneLabError
 from .quant import NoQuant
-from .sparsegpt import SparsitySpec, baseline_mask, inverse_hessian_factor, obs_sweep
+from .refit import dense_energy, output_error
+from .sparsegpt import SparsitySpec, asymmetric_target, baseline_mask, inverse_hessian_factor, obs_sweep
 
 TRUE_SEQUENTIAL = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.gate", "mlp.up"), ("mlp.down",))
 
@@ -37,14 +38,22 @@ class Unstructured:
     updates_weights = False          # True: OBS update of the remaining weights (SparseGPT)
 
     def __init__(self, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
-                 damp: float = 0.01, true_sequential: bool = False):
+                 damp: float = 0.01, true_sequential: bool = False, asymmetric: float = 0.0,
+                 residual: bool = False):
         self.spec = SparsitySpec(float(sparsity), int(prune_n), int(prune_m))
         self.spec.check()
         if blocksize < 1:
             raise PruneLabError(f"method.blocksize must be >= 1, got {blocksize}")
         if not damp > 0:
             raise PruneLabError(f"method.damp must be > 0 (a fraction of the mean Hessian diagonal), got {damp}")
+        if not 0.0 <= float(asymmetric) <= 1.0:
+            raise PruneLabError(f"method.asymmetric must be in [0, 1] (the fraction of the dense-path "
+                                f"correction; 0 = off), got {asymmetric}")
+        if residual and not asymmetric:
+            raise PruneLabError("method.residual=true absorbs the residual-stream drift into the asymmetric "
+                                "target: it needs method.asymmetric > 0")
         self.blocksize, self.damp, self.true_sequential = int(blocksize), float(damp), true_sequential
+        self.asymmetric, self.residual = float(asymmetric), bool(residual)
         self.quant = NoQuant()
         self.masks: dict[tuple[int, str], Tensor] = {}
         self.bits: dict[tuple[int, str], Tensor] = {}
@@ -56,6 +65,15 @@ class Unstructured:
     @property
     def needs_gram(self) -> bool:
         return self.updates_weights or self.quant.enabled
+
+    @property
+    def needs_cross(self) -> bool:
+        """Asymmetric calibration: the engine keeps the dense stream too (X next to the pruned-path X~)."""
+        return self.asymmetric > 0 and self.needs_gram
+
+    @property
+    def needs_residual(self) -> bool:
+        return self.needs_cross and self.residual
 
     def stages(self, view: LayerView) -> list[list[str]]:
         """All linears of a layer from one calibration pass (as SparseGPT / llm-compressor), or the
@@ -74,20 +92,20 @@ class Unstructured:
             for p, s in stats.items():
                 if s.count == 0:
                     raise PruneLabError("the calibration set has no (unpadded) tokens: raise calibration.n_samples")
-                hessians[p] = s.gram * (2.0 / s.count)                           # H = 2·X·Xᵀ / n
+                hessians[p] = s.gram * (2.0 / s.count)                           # H = 2·X~·X~ᵀ / n
                 factors[p] = inverse_hessian_factor(hessians[p], self.damp)
+                if self.needs_cross and s.cross is not None:                     # sweep on W0, not W
+                    weights[p] = asymmetric_target(weights[p], s, factors[p], self.asymmetric)
         hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
         bits, ranges = self.quant.allocate(weights, stats, hinv_diags)
         record = {}
         for p, lin in linears.items():
             w_old = lin.weight.data
-            new, mask = self.sparsify(w_old, stats[p], hessians.get(p), factors.get(p), bits.get(p))
-            if hessians.get(p) is not None:
-                d = (w_old.double() - new.double())
-                h = hessians[p].double()
-                err = float(((d @ h) * d).sum() / ((w_old.double() @ h) * w_old.double()).sum().clamp_min(1e-30))
-            else:
-                err = None
+            new, mask = self.sparsify(weights[p], stats[p], hessians.get(p), factors.get(p), bits.get(p))
+            err = None
+            if hessians.get(p) is not None:     # ‖W·X − W'·X~‖² / ‖W·X‖² (X~ = X on one stream)
+                g, c, d = (t.double() for t in (stats[p].gram, stats[p].cross, stats[p].dense_gram))
+                err = output_error(w_old, new, g, c, d) / max(dense_energy(w_old, d), 1e-30)
             lin.weight.data.copy_(new)
             if self.spec.active:
                 self.masks[(index, p)] = mask.cpu()

@@ -51,6 +51,12 @@ def load_errors(path: str):
                             f"model.trust_remote_code=true on this model (for repos you trust)") from e
 
 
+def with_pad(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 class HFModel:
     """Any local directory or hub id, through AutoModelForCausalLM / AutoTokenizer."""
 
@@ -85,11 +91,8 @@ class HFModel:
         tok_path = self.tokenizer_path
         if _looks_local(tok_path):
             tok_path = str(Path(tok_path).expanduser())
-        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=self.trust_remote_code,
-                                            revision=self.revision, config=config)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return with_pad(AutoTokenizer.from_pretrained(tok_path, trust_remote_code=self.trust_remote_code,
+                                                     revision=self.revision, config=config))
 
 
 class EmbeddedModel(HFModel):
@@ -168,5 +171,20 @@ class PrunedModel(HFModel):
         model = load_pruned(self.path, dtype=self.dtype, device=self.device,
                             attn_implementation=self.attn_implementation)
         with load_errors(self.path):
-            tokenizer = self.load_tokenizer(config=model.config if self.tokenizer_path == self.path else None)
+            own = self.tokenizer_path == self.path
+            tokenizer = (own and self.saved_tokenizer()) or self.load_tokenizer(config=model.config if own else None)
         return model.eval(), tokenizer
+
+    def saved_tokenizer(self):
+        """The checkpoint's tokenizer as the very class prune_lab saved it as (tokenizer_config.json's
+        tokenizer_class), or None for custom code (auto_map: AutoTokenizer and its trust checks).
+        AutoTokenizer would map some model types to their own class whatever the file says (a qwen2
+        config loads the lab tokenizer as Qwen2Tokenizer, which splits digits differently)."""
+        import json
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+        file = Path(self.path).expanduser() / "tokenizer_config.json"
+        declared = json.loads(file.read_text()) if file.is_file() else {}
+        cls = tokenizer_class_from_name(declared.get("tokenizer_class") or "")
+        if "auto_map" in declared or cls is None:
+            return None
+        return with_pad(cls.from_pretrained(str(Path(self.path).expanduser())))

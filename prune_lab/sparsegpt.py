@@ -96,6 +96,25 @@ def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor
     return upper, dead
 
 
+def asymmetric_target(weight: Tensor, stats, factor: tuple[Tensor, Tensor], alpha: float = 1.0) -> Tensor:
+    """W0 = W + α·(W·(C − G) + R)·(G + λI)⁻¹: with α = 1 the weight whose outputs on the pruned-path
+    inputs X~ best match the dense outputs W·X (GPTAQ's asymmetric calibration, Li et al. 2025),
+    ridge-regularised towards W with the sweep's own damping (W0 == W exactly when X~ == X and R = 0);
+    α < 1 takes that fraction of the correction (GPTAQ's own default is α = 0.25).
+
+    C = X·X~ᵀ (stats.cross), G = X~·X~ᵀ (stats.gram), R = Σ (h − h~)·x~ᵀ (stats.resid_cross, the
+    residual-stream drift where the output lands; None = not absorbed). Since W0·X~ is the projection
+    of W·X (+ drift) onto the row space of X~, ‖W·X − W'·X~‖² = const + ‖(W0 − W')·X~‖²: the OBS sweep
+    run on W0 with H = 2·G minimises the asymmetric objective. `factor` = inverse_hessian_factor of
+    H = 2·G/n, whose U gives (H + λI)⁻¹ = UᵀU."""
+    u = factor[0].double()
+    rhs = weight.double() @ (stats.cross.double() - stats.gram.double())
+    if stats.resid_cross is not None:
+        rhs = rhs + stats.resid_cross.double().to(rhs.device)
+    rhs = rhs * (2.0 * alpha / max(stats.count, 1))
+    return (weight.double() + (rhs @ u.T) @ u).to(weight.dtype)
+
+
 @torch.no_grad()
 def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize: int = 128,
               damp: float = 0.01, quantizer: RowQuantizer | None = None,

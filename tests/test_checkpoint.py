@@ -157,3 +157,17 @@ def test_job_recovers_saves_and_reloads_the_same_ppl_in_an_eval_only_job(tmp_pat
     with pytest.raises(PruneLabError) as err:
         run(compose_job(*job, "model=pruned", f"model.path={tmp_path}/nowhere"), tmp_path / "c")
     assert "nowhere" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_reloaded_checkpoint_tokenises_exactly_as_before(arch, tmp_path):
+    """A qwen2 config made AutoTokenizer load the saved lab tokenizer as Qwen2Tokenizer, which splits
+    digits one by one: model=pruned must reload the very tokenizer class that was saved."""
+    from prune_lab.model import PrunedModel
+    tok = RandomModel(arch=arch, device="cpu").load_tokenizer()
+    ckpt = save_pruned(tiny_model(arch, layers=1), tok, tmp_path / "ck")
+    _, again = PrunedModel(path=str(ckpt), device="cpu").load()
+    text = "In 1987, 12345 people read  Übersicht naïve\n\ttabs 3.14159 and 2026-11-23."
+    assert type(again) is type(tok) and again.pad_token == tok.pad_token
+    assert again(text).input_ids == tok(text).input_ids
+    assert again(text).input_ids != [] and len(tok("12345").input_ids) < 5      # digits stay merged

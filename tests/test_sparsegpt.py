@@ -229,3 +229,80 @@ def test_budget_with_measured_errors_is_near_the_lagrangian_lower_bound():
         assert ours <= dual * 1.01 + 1e-12, (target, ours, dual)
     four = allocate_bits(torch.ones(n), costs, [2, 3, 4, 6, 8], "budget", 4.0, errors=errors)
     assert errors[torch.arange(n), torch.bucketize(four.double(), opts)].sum() <= errors[:, 2].sum()
+
+
+# ---- asymmetric calibration (GPTAQ-style): fit W'·X~ to W·X ------------------------------------
+def two_streams(rows=24, cols=32, tokens=600, seed=1):
+    """Dense-path inputs X and pruned-path inputs X~ = X·(I + E) + noise (the drift of an earlier
+    pruned layer), as the engine's statistics: gram X~X~ᵀ, cross XX~ᵀ, dense_gram XXᵀ."""
+    from prune_lab.stats import InputStats
+    w, _, x = layer_problem(rows=rows, cols=cols, tokens=tokens, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    xt = x @ (torch.eye(cols, dtype=x.dtype) + 0.15 * torch.randn(cols, cols, generator=g, dtype=x.dtype)) \
+        + 0.3 * torch.randn(tokens, cols, generator=g, dtype=x.dtype)
+    stats = InputStats(xt.sum(0), (xt ** 2).sum(0), xt.abs().sum(0), tokens, gram=xt.T @ xt, cross=x.T @ xt,
+                       dense_gram=x.T @ x, dense_sum=x.sum(0))
+    return w, x, xt, stats
+
+
+def asym_err(w, w_new, x, xt, drift=None):
+    target = x @ w.T + (0 if drift is None else drift)
+    return ((target - xt @ w_new.T) ** 2).sum().item()
+
+
+def test_asymmetric_target_is_the_identity_on_one_stream():
+    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    w, _, x = layer_problem()
+    from prune_lab.stats import InputStats
+    gram = x.T @ x
+    stats = InputStats(x.sum(0), (x ** 2).sum(0), x.abs().sum(0), len(x), gram=gram, cross=gram, dense_gram=gram)
+    w0 = asymmetric_target(w, stats, inverse_hessian_factor(2 * gram / len(x), 0.01))
+    assert torch.equal(w0, w)
+
+
+def test_asymmetric_target_is_the_ridge_least_squares_solution():
+    """W0 = argmin ‖W·X − W0·X~‖² + μ‖W0 − W‖², μ = (n/2)·damp·mean diag(H), from a direct lstsq."""
+    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    w, x, xt, stats = two_streams()
+    n, damp = len(x), 0.01
+    h = 2 * stats.gram / n
+    mu = n / 2 * damp * torch.diag(h).mean()
+    eye = torch.eye(w.shape[1], dtype=w.dtype)
+    a = torch.cat([xt, mu.sqrt() * eye])                        # rows: tokens, then the ridge rows
+    b = torch.cat([x @ w.T, mu.sqrt() * w.T])
+    ref = torch.linalg.lstsq(a, b).solution.T
+    w0 = asymmetric_target(w, stats, inverse_hessian_factor(h, damp))
+    torch.testing.assert_close(w0, ref, rtol=1e-8, atol=1e-9)
+    assert asym_err(w, w0, x, xt) < 0.5 * asym_err(w, w, x, xt)
+    quarter = asymmetric_target(w, stats, inverse_hessian_factor(h, damp), alpha=0.25)   # GPTAQ's α
+    torch.testing.assert_close(quarter - w, 0.25 * (w0 - w), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec,quant", [
+    (SparsitySpec(sparsity=0.5), None),
+    (SparsitySpec(prune_n=2, prune_m=4), None),
+    (SparsitySpec(), RowQuantizer(torch.full((24,), 3))),
+    (SparsitySpec(sparsity=0.5), RowQuantizer(torch.full((24,), 4), group_size=16)),
+])
+def test_asymmetric_sweep_fits_the_dense_outputs_better(spec, quant):
+    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    w, x, xt, stats = two_streams()
+    h = 2 * stats.gram / len(x)
+    sym, mask_s, _ = obs_sweep(w, h, spec, blocksize=8, damp=0.01, quantizer=quant)
+    w0 = asymmetric_target(w, stats, inverse_hessian_factor(h, 0.01))
+    asym, mask_a, _ = obs_sweep(w0, h, spec, blocksize=8, damp=0.01, quantizer=quant)
+    assert (asym[~mask_a] == 0).all() and (~mask_a).float().mean() == (~mask_s).float().mean()
+    assert asym_err(w, asym, x, xt) < 0.5 * asym_err(w, sym, x, xt)
+
+
+def test_asymmetric_target_absorbs_the_residual_drift():
+    """With R = Σ (h − h~)·x~ᵀ the target is W·X + (h − h~): the output also repairs the residual stream."""
+    from dataclasses import replace
+    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    w, x, xt, stats = two_streams()
+    drift = torch.randn(len(x), w.shape[0], generator=torch.Generator().manual_seed(5), dtype=x.dtype) \
+        + xt @ torch.randn(w.shape[1], w.shape[0], dtype=x.dtype) * 0.1      # partly explained by x~
+    factor = inverse_hessian_factor(2 * stats.gram / len(x), 0.01)
+    plain = asymmetric_target(w, stats, factor)
+    absorbed = asymmetric_target(w, replace(stats, resid_cross=drift.T @ xt), factor)
+    assert asym_err(w, absorbed, x, xt, drift) < 0.9 * asym_err(w, plain, x, xt, drift)

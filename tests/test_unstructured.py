@@ -2,6 +2,7 @@
 architecture (OPT included), statistics, recovery with masks kept, exact reload, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -113,13 +114,36 @@ def test_sparsegpt_beats_wanda_on_the_layer_objective_of_a_real_walk():
     assert all(a < b for a, b in zip(errs["sparsegpt"], errs["wanda"]))
 
 
+def test_asymmetric_walk_fits_the_dense_path():
+    """method.asymmetric: layer 0 sees X~ == X (identical to the symmetric sweep); later layers fit the
+    dense path, so the hidden states leaving the last layer end closer to the dense model's."""
+    from conftest import lively
+    dense = lively(tiny_model("llama", intermediate=64))
+    batches = [tokens(4, 32, seed=s) for s in range(2)]
+    _, ref = walk(copy.deepcopy(dense), batches, SparseGPT(sparsity=0.0), progress=False, return_hidden=True)
+    models, dist = {}, {}
+    for asym in (False, True):
+        models[asym] = copy.deepcopy(dense)
+        method = SparseGPT(sparsity=0.5, blocksize=16, asymmetric=float(asym), residual=asym)
+        assert method.needs_cross == asym and method.needs_residual == asym
+        _, out = walk(models[asym], batches, method, progress=False, return_hidden=True)
+        dist[asym] = sum(float((a - b).square().sum()) for a, b in zip(out, ref))
+    sym, asym = linears(models[False]), linears(models[True])
+    assert all(torch.equal(sym[k].weight, asym[k].weight) for k in sym if k[0] == 0)
+    assert all(not torch.equal(sym[k].weight, asym[k].weight) for k in sym if k[0] == 2)
+    assert dist[True] < 0.8 * dist[False], dist
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["method=sparsegpt", "method.sparsity=1.0"], r"\[0, 1\)"),
+    (["method=magnitude", "method.prune_n=2"], "both"),
     (["method=wanda", "method.prune_n=4", "method.prune_m=2"], "N <= M"),
     (["method=sparsegpt", "quant=uniform", "quant.bits=5"], "bits_options"),
     (["method=sparsegpt", "quant=mixed", "quant.target_avg_bits=9"], "outside"),
     (["method=sparsegpt", "quant=mixed", "quant.weights=[0,0,0,0,0]"], "positive sum"),
     (["method=sparsegpt", "method.damp=0"], "damp"),
+    (["method=sparsegpt", "method.residual=true"], "needs method.asymmetric > 0"),
+    (["method=sparsegpt", "method.asymmetric=1.5"], r"asymmetric must be in \[0, 1\]"),
     (["quant=uniform"], "needs method"),
 ])
 def test_bad_input_fails_before_heavy_work(overrides, match, tmp_path):
@@ -130,15 +154,24 @@ def test_bad_input_fails_before_heavy_work(overrides, match, tmp_path):
     assert m["status"] == "failed" and "load" not in m["timings_s"]
 
 
-def test_cli_bad_bits_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("overrides,line", [           # the issue's bad-input list, through the real CLI
+    (["method=sparsegpt", "method.sparsity=-0.1"], "method.sparsity must be in [0, 1), got -0.1"),
+    (["method=wanda", "method.prune_n=4", "method.prune_m=2"], "N:M needs N <= M, got 4:2"),
+    (["method=sparsegpt", "quant=uniform", "quant.bits=5"], "quant.bits=5 is not one of quant.bits_options [2, 3, 4, 6, 8]"),
+    (["method=sparsegpt", "quant=mixed", "quant.bits_options=[2,4]", "quant.target_avg_bits=4.5"],
+     "quant.target_avg_bits=4.5 is outside [2, 4], the range of quant.bits_options"),
+    (["method=sparsegpt", "quant=mixed", "quant.weights=[0,0,0,0,0]"],
+     "quant.weights must be 5 non-negative numbers (activation/hessian/weight/output/stability) with a positive "
+     "sum, got [0.0, 0.0, 0.0, 0.0, 0.0]"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(overrides, line, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PRUNE_LAB_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "prune_lab", *tiny_overrides("llama"), "method=sparsegpt",
-                           "quant=mixed", "quant.bits_options=[2,4]", "quant.target_avg_bits=4.5",
+    proc = subprocess.run([sys.executable, "-m", "prune_lab", *tiny_overrides("llama"), *overrides,
                            f"hydra.run.dir={tmp_path}/run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert lines == ["prune_lab: error: quant.target_avg_bits=4.5 is outside [2, 4], the range of quant.bits_options"]
+    lines = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert lines == [f"prune_lab: error: {line}"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 

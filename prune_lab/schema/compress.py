@@ -22,6 +22,8 @@ class UnstructuredConf(MethodConf):
     blocksize: int = 128                     # OBS/GPTQ lazy-update block (columns)
     damp: float = 0.01                       # Hessian damping, fraction of mean diag(H)
     true_sequential: bool = False            # stages q/k/v, o, gate/up, down instead of one per layer
+    asymmetric: float = 0.0                  # fraction in [0, 1] of the fit of W'·X~ (pruned path) to W·X (dense)
+    residual: bool = False                   # asymmetric: also absorb the residual drift into attn.o / mlp.down
 
 
 @dataclass
