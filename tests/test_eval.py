@@ -1,7 +1,6 @@
 """Evaluation group: ppl over several datasets, efficiency metrics, zero-shot through lm-eval."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from prune_lab.plan import PruningPlan
 from prune_lab.prune import apply_plan
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
-HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install 'prune_lab[eval]')")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +134,6 @@ def reference_accuracy(model, tokenizer, docs: list[dict]) -> float:
     return correct / len(docs)
 
 
-@needs_lm_eval
 def test_zeroshot_local_task_scores_the_in_memory_pruned_model(tokenizer):
     import json
     from prune_lab.eval.zeroshot import zero_shot
@@ -152,7 +148,6 @@ def test_zeroshot_local_task_scores_the_in_memory_pruned_model(tokenizer):
     assert 0 < out["zeroshot/prune_lab_tiny_mc/acc_stderr"] < 1
 
 
-@needs_lm_eval
 def test_zeroshot_through_the_evaluator_config_with_limit(tokenizer):
     cfg = compose_job("eval=zeroshot", "eval.ppl=null", "eval.zeroshot.tasks=[prune_lab_tiny_mc]",
                       f"eval.zeroshot.include_path={TASKS}", "eval.zeroshot.limit=5",
@@ -162,7 +157,6 @@ def test_zeroshot_through_the_evaluator_config_with_limit(tokenizer):
     assert out["zeroshot/prune_lab_tiny_mc/acc"] in {i / 5 for i in range(6)}
 
 
-@needs_lm_eval
 def test_zeroshot_task_data_unreachable_offline_is_one_clear_error(tokenizer, monkeypatch):
     from prune_lab.eval.zeroshot import zero_shot
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -1,5 +1,6 @@
 """output.export=hf: every uniform pruned shape, on every architecture, loads with plain
-AutoModelForCausalLM.from_pretrained (and lm-eval's HF model) and computes the same logits."""
+AutoModelForCausalLM.from_pretrained and computes the same logits; lm-eval's HF model, loading the
+directory by itself, gives the same log-likelihoods as the in-memory pruned model."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import LAB_MODEL, TINY, lively, run_cli, tiny_overrides, tokens
+from conftest import TINY, lively, run_cli, tiny_overrides, tokens
 from prune_lab.errors import PruneLabError
 from prune_lab.export import export_hf
 from prune_lab.model import RandomModel
@@ -26,6 +27,11 @@ def pruned_model(arch: str, plan: PruningPlan, bias: bool = False):
     shape = dict(TINY[arch], num_key_value_heads=KV[arch], num_hidden_layers=3, intermediate_size=48,
                  attention_bias=bias)
     return apply_plan(lively(RandomModel(**shape, device="cpu").build()), plan)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RandomModel(device="cpu").load_tokenizer()
 
 
 def padded_batch():
@@ -54,16 +60,56 @@ def test_every_exported_shape_loads_with_plain_transformers(arch, variant, tmp_p
                                        model(x, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
 
 
-def test_lm_eval_hf_model_loads_an_export(tmp_path):
-    lm_eval = pytest.importorskip("lm_eval.models.huggingface",
-                                  reason="lm-eval is not installed (pip install 'prune_lab[eval]')")
-    from transformers import AutoTokenizer
-    model = pruned_model("llama", PLANS["width+depth"])
-    export_hf(model, AutoTokenizer.from_pretrained(LAB_MODEL), tmp_path / "hf")
-    lm = lm_eval.HFLM(pretrained=str(tmp_path / "hf"), batch_size=2, device="cpu")
-    x = tokens(1, 8)
+# Requests of different lengths, so lm-eval pads its batch; "Answer:" + " a dog" splits inside a word.
+REQUESTS = [("The capital of France is", " Paris"), ("Water boils at", " one hundred degrees Celsius"),
+            ("Question: Which animal barks?\nAnswer:", " a dog"), ("Once upon a time there", " was")]
+
+
+def our_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) and is-greedy with the in-memory pruned model (lm-eval's split:
+    tokenise context+continuation, the continuation is what follows the context's own tokens)."""
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+        logp = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)[len(ctx) - 1:-1]
+    cont = torch.tensor(whole[len(ctx):])
+    return logp.gather(1, cont[:, None]).sum().item(), bool((logp.argmax(-1) == cont).all())
+
+
+def lm_eval_loglikelihoods(path) -> list[tuple[float, bool]]:
+    """lm-eval's own HF model, loading the directory by itself (plain transformers, no prune_lab)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=str(path), batch_size=len(REQUESTS), device="cpu")
+    assert type(lm.model).__module__.startswith("transformers.")
+    return lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(REQUESTS)],
+                            disable_tqdm=True)
+
+
+def assert_lm_eval_agrees(model, tokenizer, path) -> None:
+    got = lm_eval_loglikelihoods(path)
+    want = [our_loglikelihood(model, tokenizer, *r) for r in REQUESTS]
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    assert len({round(ll, 3) for ll, _ in want}) == len(REQUESTS)        # distinct: a mix-up would show
+
+
+@pytest.mark.parametrize("variant", list(PLANS))
+def test_lm_eval_hf_model_scores_every_exported_shape(arch, variant, tokenizer, tmp_path):
+    model = pruned_model(arch, PLANS[variant])
+    export_hf(model, tokenizer, tmp_path / "hf")
+    assert_lm_eval_agrees(model, tokenizer, tmp_path / "hf")
+
+
+@pytest.mark.lab
+def test_lm_eval_scores_the_uniform_25_percent_lab_llama_export(lab_model, tmp_path):
+    """The issue's case: 16 -> 12 query heads on hidden 256, which LlamaConfig refuses (Mistral export)."""
+    model, tokenizer = lab_model
+    keep_out = torch.randperm(768, generator=torch.Generator().manual_seed(0))[:192].tolist()
+    apply_plan(model, PruningPlan(attn={i: [i % 4] for i in range(12)}, mlp={i: keep_out for i in range(12)}))
+    info = export_hf(model, tokenizer, tmp_path / "hf")
+    assert (info["architecture"], info["num_attention_heads"], info["intermediate_size"]) == \
+        ("MistralForCausalLM", 12, 576)
+    assert_lm_eval_agrees(model, tokenizer, tmp_path / "hf")
 
 
 def test_refusals_are_one_line(tmp_path):

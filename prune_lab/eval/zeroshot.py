@@ -102,11 +102,11 @@ def resolve_tasks(tasks: list[str], include_path: str | None = None):
     Called when the evaluator is built, so a misspelt or unreachable task fails before any scoring;
     remembered per process, so the evaluation itself does not index the tasks again.
     """
+    _, _, TaskManager = import_lm_eval()         # first: a missing extra fails even for remembered tasks
     tasks = list(tasks)
     key = (tuple(tasks), include_path)
     if key in _RESOLVED:
         return _RESOLVED[key]
-    _, _, TaskManager = import_lm_eval()
     if not tasks:
         raise PruneLabError("eval.zeroshot.tasks is empty: name at least one lm-eval task")
     if include_path and not Path(include_path).expanduser().is_dir():
