@@ -1,6 +1,7 @@
 """Memory and time of Taylor scoring: before this change, streaming (default) and lean mode.
 
-    flock /tmp/prune_lab_heavy.lock python experiments/bench_lean_grad.py --shape 1b --tokens 128,512
+    flock /tmp/prune_lab_big.lock python experiments/bench_lean_grad.py --shape 1b --tokens 256 --batch-size 4 \
+        --modes bare,default_whole,default,lean --repeats 1 --bare-after
     python experiments/bench_lean_grad.py --shape llama3_8b --tokens 2048 --batches 4   # on a GPU
 
 Every (mode, tokens) cell runs in a fresh process, so CPU peak RSS (ru_maxrss) is that cell's own;
@@ -8,6 +9,7 @@ on CUDA the peak is torch.cuda.max_memory_allocated. Modes:
   bare     one forward+backward per batch, decoder-linear grads dropped (the floor to compare with)
   before   the pre-change loop: backward, then grad_sum += p.grad.float() and (θ·g)² per unit
   default  importance=taylor_2nd (gradients folded by post-accumulate-grad hooks, sums on device)
+  default_whole  the same hooks on whole tensors (before the CPU row blocks of prune_lab.gradients)
   lean     + importance.offload=true importance.gradient_checkpointing=true
 `--profile` also writes a per-phase breakdown of `before` and `default` on the same shape.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from prune_lab import gradients  # noqa: E402
 from prune_lab.adapter import layer_views  # noqa: E402
 from prune_lab.importance import Taylor  # noqa: E402
 from prune_lab.scores import add_into, reduce_to_units  # noqa: E402
@@ -38,7 +42,7 @@ SHAPES = {
     "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256),
 }
-MODES = ("bare", "before", "default", "lean")
+MODES = ("bare", "before", "default_whole", "default", "lean")
 
 
 def device() -> torch.device:
@@ -127,7 +131,17 @@ def streaming(options):
     return run
 
 
-RUNNERS = {"bare": bare, "before": before, "default": streaming({}),
+def whole_tensors(run):
+    def patched(model, batches, phases):
+        block, gradients.CPU_BLOCK = gradients.CPU_BLOCK, 2**62     # one block per tensor
+        try:
+            run(model, batches, phases)
+        finally:
+            gradients.CPU_BLOCK = block
+    return patched
+
+
+RUNNERS = {"bare": bare, "before": before, "default": streaming({}), "default_whole": whole_tensors(streaming({})),
            "lean": streaming({"offload": True, "gradient_checkpointing": True})}
 
 
@@ -142,7 +156,7 @@ def worker(args) -> dict:
     model = build(args.shape, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=gen).to(device())
+    batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.tokens), generator=gen).to(device())
                for _ in range(args.batches)]
     with torch.no_grad():                           # warm-up kernels without growing the peak
         model(batches[0][:, :8], use_cache=False)
@@ -159,15 +173,27 @@ def worker(args) -> dict:
         sync()
         runs.append((time.perf_counter() - start, phases))
     seconds, phases = min(runs, key=lambda r: r[0])
-    return {"mode": args.mode, "tokens": args.tokens, "seconds": seconds,
-            "peak_gib": peak_bytes() / 2**30, "peak_after_build_gib": rss_before / 2**30,
+    peak = peak_bytes()
+    bare_seconds = None
+    if args.mode != "bare" and args.bare_after:      # the reference in the same process, after the peak is read
+        bare_seconds = min(timed(bare, model, batches) for _ in range(args.repeats))
+    return {"mode": args.mode, "tokens": args.tokens, "seconds": seconds, "bare_seconds": bare_seconds,
+            "peak_gib": peak / 2**30, "peak_after_build_gib": rss_before / 2**30,
             "weights_gib": weights / 2**30, "phases": phases}
+
+
+def timed(run, model, batches) -> float:
+    start = time.perf_counter()
+    run(model, batches, {})
+    sync()
+    return time.perf_counter() - start
 
 
 def cell(args, mode: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--tokens", str(tokens),
            "--shape", args.shape, "--batches", str(args.batches), "--dtype", args.dtype,
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    cmd += ["--bare-after"] if args.bare_after else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or [""])[-1]
@@ -182,9 +208,13 @@ def cell(args, mode: str, tokens: int) -> dict:
 def report(args, results, profile) -> str:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores), peak RSS"
     lines = [f"# Taylor scoring memory: {args.shape} Llama shape, {args.dtype}, {where}", "",
-             f"`{' '.join(sys.argv)}` — {args.batches} calibration batches of 1×tokens, taylor_2nd; time = "
-             f"fastest of {args.repeats} runs after a forward warm-up.", "",
-             "| tokens/batch | mode | peak (GiB) | time (s) | time / bare fwd+bwd |", "|---|---|---|---|---|"]
+             f"`{' '.join(sys.argv)}` — {args.batches} calibration batches of {args.batch_size}×tokens, taylor_2nd; "
+             f"time = fastest of {args.repeats} runs after a forward warm-up; load average {args.load} at the start."
+             + (" Last column: bare fwd+bwd timed in the same process right after the mode (its peak read "
+                "before)." if args.bare_after else ""), "",
+             "| tokens/batch | mode | peak (GiB) | time (s) | time / bare fwd+bwd |"
+             + (" time / bare (same process) |" if args.bare_after else ""),
+             "|---|---|---|---|---|" + ("---|" if args.bare_after else "")]
     for tokens in args.token_list:
         base = next((r for r in results if r["mode"] == "bare" and r["tokens"] == tokens and "error" not in r),
                     None)
@@ -193,7 +223,9 @@ def report(args, results, profile) -> str:
                 lines.append(f"| {tokens} | {r['mode']} | failed: {r['error'][:80]} | | |")
                 continue
             rel = f"{r['seconds'] / base['seconds']:.2f}×" if base else "n/a"
-            lines.append(f"| {tokens} | {r['mode']} | {r['peak_gib']:.2f} | {r['seconds']:.1f} | {rel} |")
+            same = (f" {r['seconds'] / r['bare_seconds']:.2f}× ({r['bare_seconds']:.1f} s) |"
+                    if r.get("bare_seconds") else " |" if args.bare_after else "")
+            lines.append(f"| {tokens} | {r['mode']} | {r['peak_gib']:.2f} | {r['seconds']:.1f} | {rel} |{same}")
     done = [r for r in results if "error" not in r]
     if done:
         lines += ["", f"Weights alone: {done[0]['weights_gib']:.2f} GiB; process peak after building the "
@@ -215,6 +247,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", default="128,512", help="tokens per calibration batch (comma list)")
     ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per calibration batch")
+    ap.add_argument("--bare-after", action="store_true",
+                    help="also time bare fwd+bwd in each mode's process (a same-process ratio)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest is reported")
     ap.add_argument("--profile", default=None, help="also profile phases on this shape (e.g. mid)")
@@ -230,6 +265,7 @@ def main():
         print(json.dumps(worker(args)))
         return
     args.token_list = [int(t) for t in args.tokens.split(",")]
+    args.load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     results = [cell(args, m, t) for t in args.token_list for m in args.modes.split(",")]
     profile = []
     if args.profile:

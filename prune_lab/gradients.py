@@ -21,7 +21,33 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapter import LayerView
-from .scores import UnitScores, unit_terms, zero_scores
+from .scores import Term, UnitScores, unit_terms, zero_scores
+
+
+# Elements per row block of the CPU elementwise work (1 MiB of fp32). A whole-tensor mixed-dtype op
+# on CPU materialises a full-size fp32 temporary in fresh pages at every call; blocks of 2^18 elements
+# stay in cache and in reused memory: 3-4x faster hooks on the ~1B shape (experiments/results/lean_grad.md).
+CPU_BLOCK = 1 << 18
+
+
+def row_blocks(t: torch.Tensor) -> list[slice]:
+    """Row ranges for elementwise work on `t`: ~CPU_BLOCK elements each on CPU, one range on a GPU."""
+    if t.device.type != "cpu" or t.dim() < 2:
+        return [slice(None)]
+    step = max(1, CPU_BLOCK // t[0].numel())
+    return [slice(start, start + step) for start in range(0, t.shape[0], step)]
+
+
+def blockwise(term: Term, rows: list[slice], per_weight) -> torch.Tensor:
+    """term.reduce of a per-weight tensor produced row block by row block (per_weight(rows) -> fp32)."""
+    if term.axis is None or len(rows) == 1:
+        return term.reduce(per_weight(rows[0]))
+    if term.axis == 1:                                      # per-row sums: each block gives its rows
+        return term.units(torch.cat([per_weight(r).sum(1) for r in rows]))
+    total = per_weight(rows[0]).sum(0)                      # per-column sums: add the blocks up
+    for r in rows[1:]:
+        total += per_weight(r).sum(0)
+    return term.units(total)
 
 
 class GradientStatistics:
@@ -29,9 +55,8 @@ class GradientStatistics:
 
     def __init__(self, views: list[LayerView], second_order: bool = False, offload: bool = False):
         self.views, self.second_order = views, second_order
-        self.terms = [(v.index, lin, name, kind, reduce) for v in views
-                      for lin, name, kind, reduce in unit_terms(v)]
-        self.params = [getattr(lin, name) for _, lin, name, _, _ in self.terms]
+        self.terms = [(v.index, t) for v in views for t in unit_terms(v)]
+        self.params = [getattr(t.lin, t.name) for _, t in self.terms]
         self.grad_sum = {p: torch.zeros(p.shape, dtype=torch.float32, device="cpu" if offload else p.device)
                          for p in self.params}
         self._staging: dict[torch.dtype, torch.Tensor] = {}      # pinned host buffer per grad dtype
@@ -39,10 +64,10 @@ class GradientStatistics:
         self._handles = []
 
     def __enter__(self) -> "GradientStatistics":
-        for layer, lin, name, kind, reduce in self.terms:
-            p = getattr(lin, name)
+        for layer, term in self.terms:
+            p = getattr(term.lin, term.name)
             self._handles.append(p.register_post_accumulate_grad_hook(
-                functools.partial(self._fold, layer=layer, kind=kind, reduce=reduce)))
+                functools.partial(self._fold, layer=layer, term=term)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -51,13 +76,16 @@ class GradientStatistics:
         self._handles.clear()
 
     @torch.no_grad()
-    def _fold(self, p: torch.Tensor, layer: int, kind: str, reduce) -> None:
+    def _fold(self, p: torch.Tensor, layer: int, term: Term) -> None:
         g = p.grad
         acc = self.grad_sum[p]
-        acc.add_(g if acc.device == g.device else self._to_host(g))   # mixed dtypes: one fused pass
+        src = g if acc.device == g.device else self._to_host(g)
+        for rows in row_blocks(acc):
+            acc[rows].add_(src[rows])                       # fp32 += grad dtype: the cast fused
         if self.second_order:
-            sq = p.detach().to(torch.float32, copy=True).mul_(g).square_()   # (θ·g)², one tensor at a time
-            getattr(self.fisher, kind)[layer] += reduce(sq)
+            theta = p.detach()
+            square = lambda rows: theta[rows].to(torch.float32, copy=True).mul_(g[rows]).square_()  # noqa: E731
+            getattr(self.fisher, term.kind)[layer] += blockwise(term, row_blocks(theta), square)  # Σ(θ·g)²
         p.grad = None
 
     def _to_host(self, g: torch.Tensor) -> torch.Tensor:
@@ -74,11 +102,14 @@ class GradientStatistics:
     def scores(self, n_batches: int) -> UnitScores:
         """|θ·ḡ| per weight summed per unit (+ ½·θ²·E[g²] with second_order)."""
         out = zero_scores(self.views)
-        for layer, lin, name, kind, reduce in self.terms:
-            p = getattr(lin, name)
-            acc = self.grad_sum[p]
-            per_weight = p.detach().to(acc.device, torch.float32, copy=True).mul_(acc).abs_()
-            getattr(out, kind)[layer] += (reduce(per_weight) / n_batches).to(p.device)   # |θ·Σg|/n
+        for layer, term in self.terms:
+            p = getattr(term.lin, term.name)
+            theta, acc = p.detach(), self.grad_sum[p]
+
+            def per_weight(rows, theta=theta, acc=acc):
+                return theta[rows].to(acc.device, torch.float32, copy=True).mul_(acc[rows]).abs_()
+            getattr(out, term.kind)[layer] += (blockwise(term, row_blocks(acc), per_weight)
+                                               / n_batches).to(p.device)      # |θ·Σg|/n
         if self.second_order:
             for s, f in zip(out.attn + out.mlp, self.fisher.attn + self.fisher.mlp):
                 s += 0.5 * f / n_batches

@@ -55,19 +55,32 @@ def group_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(groups, -1).sum(1)
 
 
-def unit_terms(view: LayerView) -> list[tuple[nn.Linear, str, str, Callable]]:
-    """Every decoder parameter of a layer as (linear, "weight"|"bias", "attn"|"mlp", reduce), where
-    reduce maps a tensor shaped like that parameter to one value per unit (KV group or MLP channel)."""
+@dataclass(frozen=True)
+class Term:
+    """One decoder parameter's share of the unit scores: a tensor shaped like the parameter is summed
+    over `axis` (1: along each row, 0: down each column, None: a bias) and `units` maps that
+    marginal to one value per unit (KV group or MLP channel)."""
+    lin: nn.Linear
+    name: str                       # "weight" | "bias"
+    kind: str                       # "attn" | "mlp"
+    axis: int | None
+    units: Callable[[torch.Tensor], torch.Tensor]
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.units(x if self.axis is None else x.sum(self.axis))
+
+
+def unit_terms(view: LayerView) -> list[Term]:
+    """Every decoder parameter of a layer with its reduction to units."""
     a, m = view.attn, view.mlp
-    nkv = a.num_kv_heads
-    rows = lambda x: group_rows(x, nkv)              # noqa: E731  q/k/v rows (and biases), per group
-    cols = lambda x: group_rows(x.sum(0), nkv)       # noqa: E731  o columns, per group
-    terms = [(lin, "weight", "attn", rows) for lin in (a.q, a.k, a.v)]
-    terms += [(lin, "bias", "attn", rows) for lin in (a.q, a.k, a.v) if lin.bias is not None]
-    terms += [(a.o, "weight", "attn", cols)]
-    terms += [(lin, "weight", "mlp", lambda x: x.sum(1)) for lin in m.inputs]          # gate/up rows
-    terms += [(lin, "bias", "mlp", lambda x: x) for lin in m.inputs if lin.bias is not None]
-    return terms + [(m.down, "weight", "mlp", lambda x: x.sum(0))]
+    groups = lambda x: group_rows(x, a.num_kv_heads)     # noqa: E731  per-row (or per-column) -> per group
+    channels = lambda x: x                                # noqa: E731  MLP rows of gate/up, columns of down
+    terms = [Term(lin, "weight", "attn", 1, groups) for lin in (a.q, a.k, a.v)]
+    terms += [Term(lin, "bias", "attn", None, groups) for lin in (a.q, a.k, a.v) if lin.bias is not None]
+    terms += [Term(a.o, "weight", "attn", 0, groups)]
+    terms += [Term(lin, "weight", "mlp", 1, channels) for lin in m.inputs]
+    terms += [Term(lin, "bias", "mlp", None, channels) for lin in m.inputs if lin.bias is not None]
+    return terms + [Term(m.down, "weight", "mlp", 0, channels)]
 
 
 def zero_scores(views: list[LayerView], device=None) -> UnitScores:
@@ -80,8 +93,8 @@ def reduce_to_units(views: list[LayerView], per_weight) -> UnitScores:
     """Sum per-weight scores over every unit. per_weight(linear, name) -> tensor like its param."""
     scores = zero_scores(views)
     for v in views:
-        for lin, name, kind, reduce in unit_terms(v):
-            getattr(scores, kind)[v.index] += reduce(per_weight(lin, name).float())
+        for t in unit_terms(v):
+            getattr(scores, t.kind)[v.index] += t.reduce(per_weight(t.lin, t.name).float())
     return scores
 
 

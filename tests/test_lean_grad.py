@@ -8,6 +8,7 @@ import torch
 from conftest import ALL_ARCHS, compose_job, lively, tiny_model, tokens
 from prune_lab.adapter import layer_views
 from prune_lab.allocator import Global
+from prune_lab import gradients
 from prune_lab.gradients import GradientStatistics
 from prune_lab.importance import Taylor
 from prune_lab.pipeline import build
@@ -68,6 +69,22 @@ def test_every_mode_gives_the_reference_scores_and_plan(arch, second_order):
         plans[mode] = (plan.attn, plan.mlp)
     assert all(p == plans["default"] for p in plans.values())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_cpu_row_blocks_give_the_reference_scores(arch, monkeypatch):
+    """On CPU the hooks work in row blocks; blocks that do not divide the layers change nothing."""
+    monkeypatch.setattr(gradients, "CPU_BLOCK", 200)          # 1-4 rows per block on these widths
+    model = lively(tiny_model(arch, layers=2))
+    assert len(gradients.row_blocks(model.model.layers[0].mlp.down_proj.weight
+                                    if arch != "opt" else model.model.decoder.layers[0].fc2.weight)) > 10
+    for second_order in (False, True):
+        expected = reference_taylor(model, BATCHES, second_order)
+        for options in ({}, {"offload": True}):
+            scores = Taylor(second_order=second_order, **options)(model, BATCHES)
+            for (attn, mlp), got_a, got_m in zip(expected, scores.attn, scores.mlp):
+                torch.testing.assert_close(got_a, attn, rtol=1e-5, atol=1e-8)
+                torch.testing.assert_close(got_m, mlp, rtol=1e-5, atol=1e-8)
 
 
 def test_padded_eager_batches_with_checkpointing_match():
