@@ -127,6 +127,15 @@ def test_a_study_refuses_mismatched_directions_and_unreachable_storage_in_one_li
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("prune_lab: error: cannot open study storage postgresql://prune:***@127.0.0.1:9/studies")
     assert "secret" not in out.stderr and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if "error" in line.lower()] == [last]
+
+
+@pytest.mark.parametrize("url", ["sqlite:////proc/prune_lab/study.db", "journal:////proc/prune_lab/study.log",
+                                 "postgresql://prune@no-such-host.invalid/studies"])
+def test_unreachable_storage_urls_are_one_line(url):
+    with pytest.raises(PruneLabError, match=r"^cannot open study storage ") as err:
+        open_storage(url)
+    assert "\n" not in str(err.value)
 
 
 def test_study_bookkeeping():
