@@ -1,21 +1,27 @@
-"""llm-compressor side by side with prune_lab (not a test): same model, calibration tokens and PPL protocol.
+"""llm-compressor side by side with prune_lab (not a test): same model, calibration tokens, PPL windows,
+and, per pair, prune_lab's engine pass and llm-compressor's oneshot timed back to back in ONE process.
 
-    .venv/bin/python experiments/compare_llmcompressor.py [--llmc-python /work/venv-llmc/bin/python]
+    OMP_NUM_THREADS=1 flock /tmp/prune_lab_big.lock .venv/bin/python experiments/compare_llmcompressor.py \\
+        [--llmc-python /work/venv-llmc/bin/python] [--windows N] [--only "name|name"]
 
 llm-compressor pins its own transformers, so it lives in a separate venv made as
     python3 -m venv /work/venv-llmc && /work/venv-llmc/bin/pip install torch==2.13.0 && \\
     /work/venv-llmc/bin/pip install llmcompressor            # 0.14.0.1 with transformers 5.17.0
 Step 1 (this venv): export prune_lab's calibration windows (64 x 256 train tokens, seed 0, exactly the
-batches `method=sparsegpt` calibrates on) and the wiki-vital-en test stream to <work>/tokens.pt.
-Step 2 (the llm-compressor venv, this file with --llmc): for each recipe, load lab-llama in fp32, run
-`oneshot` on those 64 windows (sequential pipeline, one layer at a time, as prune_lab's engine), time
-it (calibration batches of 8 windows, as prune_lab), and compute PPL with prune_lab.eval.ppl.perplexity (256-token non-overlapping windows).
-Writes experiments/results/llmcompressor.json (read by bench_sparsegpt.py's table).
+batches the CLI calibrates on), the wiki-vital-en test stream, and, per pair, prune_lab's method and
+quant exactly as the CLI composes them from the overrides (conf/ defaults included) to <work>/tokens.pt.
+Step 2 (the llm-compressor venv, this file with --llmc): per pair, load lab-llama in fp32 and run
+prune_lab's engine (prune_lab.engine.walk, the CLI's engine pass) on those batches, then load it again
+and run llm-compressor's `oneshot` (sequential pipeline, one decoder layer at a time, batches of 8
+windows as prune_lab); time both, compute both PPLs with prune_lab.eval.ppl.perplexity (256-token
+non-overlapping windows; all 247 of the test split unless --windows). Writes
+experiments/results/llmcompressor.json (rendered by bench_sparsegpt.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,81 +30,111 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "prune_lab" / "assets" / "lab-llama"
 OUT = REPO / "experiments" / "results" / "llmcompressor.json"
-WINDOWS = 64            # the same first 64 test windows as bench_sparsegpt.py
+G128 = ["quant=uniform", "quant.bits=4", "quant.group_size=128", "quant.act_order=true"]
+# name: (prune_lab overrides of the same setting, llm-compressor recipe name); llm-compressor at its defaults
+# except what the setting fixes (sparsity, mask structure); prune_lab at its config defaults.
+PAIRS = {
+    "SparseGPT 50%": (["method=sparsegpt", "method.sparsity=0.5"], "sparsegpt_50"),
+    "SparseGPT 2:4": (["method=sparsegpt", "method.prune_n=2", "method.prune_m=4"], "sparsegpt_24"),
+    "GPTQ W4A16 (g128, static act order)": (["method=sparsegpt", "method.sparsity=0", *G128], "gptq_w4a16"),
+    "Wanda 50%": (["method=wanda", "method.sparsity=0.5"], "wanda_50"),
+    "Wanda 2:4": (["method=wanda", "method.prune_n=2", "method.prune_m=4"], "wanda_24"),
+    "SparseGPT 50% + GPTQ W4A16": (["method=sparsegpt", "method.sparsity=0.5", *G128], "sparsegpt_50_gptq"),
+    "SparseGPT 50% symmetric (llm-compressor's algorithm)": (["method=sparsegpt", "method.sparsity=0.5",
+                                                              "method.asymmetric=0", "method.residual=false"], None),
+}
 
 
 def export(work: Path) -> Path:
     import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from prune_lab import schema
     from prune_lab.data import Calibration, TokenStreams, WikiVital
     from prune_lab.model import EmbeddedModel
+    schema.register()
     tok = EmbeddedModel(device="cpu").load_tokenizer()
     ds, streams = WikiVital(), TokenStreams(tok)
-    cal = torch.cat(Calibration(64, 256, 8).batches(streams(ds, "train"), 0))
+    with initialize_config_dir(config_dir=str(REPO / "prune_lab" / "conf")):
+        cal = compose(config_name="config").calibration
+        methods = {}
+        for name, (overrides, _) in PAIRS.items():
+            cfg = compose(config_name="config", overrides=overrides)
+            methods[name] = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "quant")}
+    batches = Calibration(cal.n_samples, cal.seq_len, cal.batch_size).batches(streams(ds, "train"), 0)
     path = work / "tokens.pt"
-    torch.save({"calibration": cal, "test": streams(ds, "test")}, path)
+    torch.save({"calibration": torch.cat(batches), "batch_size": cal.batch_size, "test": streams(ds, "test")}, path)
+    (work / "methods.json").write_text(json.dumps(methods, indent=2))
     return path
 
 
-def recipes_names() -> list[str]:
-    return ["SparseGPTModifier 50%", "GPTQModifier W4A16 (g128, actorder static)", "SparseGPTModifier 2:4",
-            "WandaPruningModifier 50%", "WandaPruningModifier 2:4", "SparseGPT 50% + GPTQ W4A16"]
-
-
-def recipes():
+def llmc_recipe(key: str):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier
     common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
-    sgpt = dict(block_size=128, dampening_frac=0.01, **common)
-    return {
-        "SparseGPTModifier 50%": [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **sgpt)],
-        "GPTQModifier W4A16 (g128, actorder static)": [GPTQModifier(scheme="W4A16", targets="Linear",
-                                                                    ignore=["lm_head"])],
-        "SparseGPTModifier 2:4": [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **sgpt)],
-        "WandaPruningModifier 50%": [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **common)],
-        "WandaPruningModifier 2:4": [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)],
-        "SparseGPT 50% + GPTQ W4A16": [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **sgpt),
-                                       GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])],
-    }
+    gptq = lambda: GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])  # noqa: E731  g128, static
+    return {"sparsegpt_50": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common)],
+            "sparsegpt_24": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)],
+            "gptq_w4a16": lambda: [gptq()],
+            "wanda_50": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **common)],
+            "wanda_24": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)],
+            "sparsegpt_50_gptq": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common), gptq()],
+            }[key]()
 
 
-def run_llmc(tokens_path: Path, only: list[str] | None) -> list[dict]:
+def build_ours(spec: dict):
+    from prune_lab import method as methods, quant as quants
+    def make(module, conf):
+        conf = dict(conf)
+        return getattr(module, conf.pop("_target_").rsplit(".", 1)[1])(**conf)
+    return make(methods, spec["method"]).with_quant(make(quants, spec["quant"]))
+
+
+def zeros(model) -> float:
+    import torch
+    ws = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def run_pairs(work: Path, only: list[str] | None, windows: int | None) -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
     sys.path.insert(0, str(REPO))
+    from prune_lab.engine import walk
     from prune_lab.eval.ppl import perplexity
-    torch.manual_seed(0)
-    data = torch.load(tokens_path, weights_only=True)   # a dict of token tensors written above
-    cal = data["calibration"]
+    data = torch.load(work / "tokens.pt", weights_only=True)   # a dict of token tensors written above
+    specs = json.loads((work / "methods.json").read_text())
+    cal, bs = data["calibration"], int(data["batch_size"])
     dataset = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
-    dense = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    rows = [{"setting": "dense (no recipe)", "ppl": perplexity(dense, data["test"], 256, 16, WINDOWS, progress=False),
-             "seconds": 0.0, "sparsity": 0.0}]
-    save(rows)
-    for name, recipe in recipes().items():
+    load = lambda: AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()  # noqa: E731
+    ppl = lambda m: perplexity(m, data["test"], 256, 16, windows, progress=False)  # noqa: E731
+    save({"setting": "dense", "ppl": ppl(load()), "windows": windows})
+    for name, (overrides, recipe) in PAIRS.items():
         if only and name not in only:
             continue
-        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-        start = time.time()
-        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(cal),
-                max_seq_length=cal.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
-                batch_size=8)                 # prune_lab's calibration.batch_size
-        seconds = time.time() - start
-        model.eval()
-        ppl = perplexity(model, data["test"], 256, 16, WINDOWS, progress=False)
-        linears = [m.weight for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-        zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
-        rows.append({"setting": name, "ppl": ppl, "seconds": seconds, "sparsity": zeros})
-        print(json.dumps(rows[-1]), flush=True)
-        save(rows)
-    return rows
+        torch.manual_seed(0)
+        row = {"setting": name, "windows": windows, "prune_lab": " ".join(overrides)}
+        model = load()
+        start, load0 = time.time(), os.getloadavg()[0]
+        walk(model, list(cal.split(bs)), build_ours(specs[name]), progress=False)
+        row.update(ours_s=time.time() - start, ours_ppl=ppl(model), ours_zeros=zeros(model), ours_load=load0)
+        if recipe is not None:
+            model = load()
+            start, load0 = time.time(), os.getloadavg()[0]
+            oneshot(model=model, dataset=dataset, recipe=llmc_recipe(recipe), num_calibration_samples=len(cal),
+                    max_seq_length=cal.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
+                    batch_size=bs)
+            row.update(llmc_s=time.time() - start, llmc_ppl=ppl(model.eval()), llmc_zeros=zeros(model),
+                       llmc_load=load0)
+        print(json.dumps(row), flush=True)
+        save(row)
 
 
-def save(rows: list[dict]) -> None:
+def save(row: dict) -> None:
     old = {r["setting"]: r for r in json.loads(OUT.read_text())} if OUT.exists() else {}
-    old.update({r["setting"]: r for r in rows})
+    old[row["setting"]] = row
     OUT.write_text(json.dumps(list(old.values()), indent=2))
 
 
@@ -107,18 +143,18 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/compare_llmcompressor")
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
     ap.add_argument("--llmc", action="store_true", help="(internal) run inside the llm-compressor venv")
-    ap.add_argument("--only", default=None, help='"|"-separated recipe names')
-    ap.add_argument("--first", type=int, default=None, help="only the first N recipes")
+    ap.add_argument("--only", default=None, help='"|"-separated pair names')
+    ap.add_argument("--windows", type=int, default=None, help="PPL on the first N test windows (default: all)")
     args = ap.parse_args()
     work = Path(args.work)
-    # names contain commas ("(g128, actorder static)"), so --only takes "|"-separated names
-    only = args.only.split("|") if args.only else recipes_names()[:args.first] if args.first else None
+    only = args.only.split("|") if args.only else None      # names contain commas
     if args.llmc:
-        run_llmc(work / "tokens.pt", only)
+        run_pairs(work, only, args.windows)
         return
     work.mkdir(parents=True, exist_ok=True)
     export(work)
-    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", "|".join(only)] if only else [])
+    cmd = [args.llmc_python, __file__, "--llmc", "--work", str(work)] + (["--only", args.only] if only else []) \
+        + (["--windows", str(args.windows)] if args.windows else [])
     subprocess.run(cmd, check=True)
 
 

@@ -155,6 +155,9 @@ class SparseGPT(Unstructured):
     name = "sparsegpt"
     updates_weights = True
 
+    def __init__(self, *args, asymmetric: float = 0.25, residual: bool = True, **kwargs):
+        super().__init__(*args, asymmetric=asymmetric, residual=residual, **kwargs)
+
     def sparsify(self, weight, stats, hessian, factor, bits):
         new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
                                  quantizer=self.quant.quantizer(bits), factor=factor,

@@ -142,7 +142,7 @@ def test_asymmetric_walk_fits_the_dense_path():
     (["method=sparsegpt", "quant=mixed", "quant.target_avg_bits=9"], "outside"),
     (["method=sparsegpt", "quant=mixed", "quant.weights=[0,0,0,0,0]"], "positive sum"),
     (["method=sparsegpt", "method.damp=0"], "damp"),
-    (["method=sparsegpt", "method.residual=true"], "needs method.asymmetric > 0"),
+    (["method=sparsegpt", "method.asymmetric=0"], "needs method.asymmetric > 0"),
     (["method=sparsegpt", "method.asymmetric=1.5"], r"asymmetric must be in \[0, 1\]"),
     (["quant=uniform"], "needs method"),
 ])

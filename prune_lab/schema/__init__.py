@@ -28,7 +28,7 @@ SCHEMAS = {
     "reconstruct": {"base": ReconstructConf},
     "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
     "eval": {"base": EvalConf},
-    "method": {"base": MethodConf, "unstructured": UnstructuredConf},
+    "method": {"base": MethodConf, "unstructured": UnstructuredConf, "sparsegpt": SparseGPTConf},
     "quant": {"base": QuantConf, "uniform": UniformQuantConf, "mixed": MixedQuantConf},
 }
 

@@ -27,6 +27,13 @@ class UnstructuredConf(MethodConf):
 
 
 @dataclass
+class SparseGPTConf(UnstructuredConf):
+    _target_: str = "prune_lab.method.SparseGPT"
+    asymmetric: float = 0.25                 # GPTAQ's default (0.5 ties it on lab-llama, README)
+    residual: bool = True
+
+
+@dataclass
 class QuantConf:
     _target_: str = MISSING
 
