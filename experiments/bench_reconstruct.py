@@ -1,14 +1,16 @@
 """Benchmark (not a test): reconstruction on lab-llama, no recovery, fp32, default calibration.
 
-    .venv/bin/python experiments/bench_reconstruct.py grid  [--jobs 2] [--work /tmp/bench_reconstruct]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/bench_reconstruct.py grid [--jobs 2] [--work /tmp/bench_reconstruct]
     .venv/bin/python experiments/bench_reconstruct.py qwen2                 # error reduction, 7:1 GQA vs 4:1
     .venv/bin/python experiments/bench_reconstruct.py scale [--layers 16]   # peak RSS of an engine pass
     .venv/bin/python experiments/bench_reconstruct.py report                # Markdown from what was measured
 
-grid: the real CLI, one job per (importance, allocator, ratio, reconstruct), a shared score cache;
-PPL on the whole wiki-vital test split; the engine pass time (the `reconstruct` stage) relative to one
-forward pass over the 64x256 calibration tokens, measured in this process. Results accumulate in
-<work>/rows.jsonl; `report` writes experiments/results/reconstruct.md.
+grid: the real CLI (prune_lab's Hydra app, in a subprocess per row: `one`), one job per (importance,
+allocator, ratio, reconstruct), a shared score cache; PPL on the whole wiki-vital test split; the engine
+pass time (the `reconstruct` stage) relative to one forward pass over the 64x256 calibration tokens,
+timed in the same process right before and right after the job (their mean; load average recorded).
+Results accumulate in <work>/rows.jsonl; `report` rewrites the grid section of
+experiments/results/reconstruct.md (between its `<!-- grid -->` markers, the rest is kept).
 """
 from __future__ import annotations
 
@@ -25,25 +27,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "experiments" / "results" / "reconstruct.md"
 MODES = ["none", "bias", "lstsq", "obs"]
+GRID_BEGIN, GRID_END = "<!-- grid: bench_reconstruct.py report writes below -->", "<!-- grid end -->"
 GRID = [("taylor", alloc, ratio, mode, ()) for ratio in (0.25, 0.5) for alloc in ("global", "uniform") for mode in MODES]
 GRID += [("obs", "global", ratio, "obs", ()) for ratio in (0.25, 0.5)]
-GRID += [("taylor", "global", ratio, "obs", ("reconstruct.residual=false",)) for ratio in (0.25, 0.5)]
 
 
 def job(work: Path, importance: str, alloc: str, ratio: float, mode: str, extra=()) -> dict:
     extra = tuple(extra)
     name = f"{importance}_{alloc}_{ratio}_{mode}" + "".join(f"_{e.split('.')[-1]}" for e in extra)
     run_dir = work / "runs" / name
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(work / "cache"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(work / "cache"),
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     args = [f"importance={importance}", f"allocator={alloc}", f"allocator.ratio={ratio}", f"reconstruct={mode}",
             "output.plots=false", "engine.progress=false", *extra, f"hydra.run.dir={run_dir}"]
     with open(work / f"{name}.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "prune_lab", *args], cwd=REPO, env=env, stdout=log,
-                       stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, __file__, "one", "--work", str(work), *args], cwd=REPO, env=env,
+                       stdout=log, stderr=subprocess.STDOUT)
     m = json.loads((run_dir / "metrics.json").read_text())
+    if m["status"] != "ok":
+        print(f"{name}: {m['status']} (see {work / name}.log)", flush=True)
+        return {}
+    fwd = json.loads((run_dir / "forward.json").read_text())
     row = {"importance": importance, "allocator": alloc, "ratio": ratio, "reconstruct": mode,
            "extra": " ".join(extra), "status": m["status"], "ppl": m.get("pruned", {}).get("ppl/data"),
            "reconstruct_s": m["timings_s"].get("reconstruct", 0.0), "eval_s": m["timings_s"].get("evaluate"),
+           **fwd,
            **{k: v for k, v in m.get("reconstruct", {}).items() if k.endswith(("_before", "_after"))}}
     with open(work / "rows.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -65,9 +73,25 @@ def calibration_forward_seconds() -> float:
     return time.perf_counter() - start
 
 
+def one(overrides: list[str]) -> None:
+    """One CLI job in this process (prune_lab's Hydra app), with a calibration forward timed before and after."""
+    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")))
+    before, load_before = calibration_forward_seconds(), os.getloadavg()[0]
+    sys.argv = ["prune_lab", *overrides]
+    from prune_lab.__main__ import main as cli
+    try:
+        cli()
+    except SystemExit as e:
+        if e.code:
+            raise
+    after, load_after = calibration_forward_seconds(), os.getloadavg()[0]
+    (run_dir / "forward.json").write_text(json.dumps({"forward_s": (before + after) / 2, "forward_before_s": before,
+                                                      "forward_after_s": after,
+                                                      "load": (load_before + load_after) / 2}))
+
+
 def grid(work: Path, jobs: int, only: str | None) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "forward.json").write_text(json.dumps({"forward_s": calibration_forward_seconds()}))
     todo = [g for g in GRID if only is None or only in "_".join(map(str, g[:4]))]
     # scores first (one job per importance), so parallel jobs hit the cache
     firsts = {imp: g for g in reversed(todo) for imp in [g[0]]}
@@ -114,7 +138,7 @@ def scale(work: Path, layers: int) -> None:
     from prune_lab.model import RandomModel
     from prune_lab.plan import PruningPlan
     from prune_lab.reconstruct import PlanRefit
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))   # 1 thread on the shared CPU
     shape = dict(arch="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                  intermediate_size=8192, num_hidden_layers=layers, vocab_size=32000)
     model = RandomModel(**shape, device="cpu").build()
@@ -134,44 +158,44 @@ def scale(work: Path, layers: int) -> None:
 
 
 def report(work: Path) -> None:
+    """The grid table (PPL, engine pass / calibration forward, errors) between the markers of reconstruct.md."""
     import pandas as pd
     rows = pd.DataFrame([json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()])
     rows = rows.drop_duplicates(["importance", "allocator", "ratio", "reconstruct", "extra"], keep="last")
-    fwd = json.loads((work / "forward.json").read_text())["forward_s"]
-    rows["engine_x_forward"] = rows["reconstruct_s"] / fwd
-    table = rows.pivot_table(index=["importance", "allocator", "reconstruct", "extra"], columns="ratio", values="ppl")
-    lines = ["# Reconstruction on lab-llama (no recovery, fp32, 64x256 calibration, dense PPL 48.13)", "",
-             f"Command: `python experiments/bench_reconstruct.py grid` (one CLI job per row, e.g. "
-             f"`python -m prune_lab importance=taylor allocator=global allocator.ratio=0.25 reconstruct=obs`).", "",
-             "## PPL (wiki-vital test)", "", table.round(2).to_markdown(), "",
-             f"## Engine pass time relative to one forward pass over the calibration set ({fwd:.1f} s here)", "",
-             rows[rows.reconstruct != "none"][["importance", "allocator", "ratio", "reconstruct", "reconstruct_s",
-                                               "engine_x_forward"]].round(2).to_markdown(index=False), "",
-             "## Mean relative output error per layer, before -> after refit", "",
-             rows[rows.reconstruct != "none"].filter(regex="importance|allocator|ratio|reconstruct$|_before|_after")
-             .round(4).to_markdown(index=False), ""]
-    if (work / "qwen2.json").exists():
-        lines += ["## Qwen2 7:1 GQA with q/k/v bias vs Llama 4:1 (random tiny models, uniform 25%): "
-                  "mean relative output error", "",
-                  pd.DataFrame(json.loads((work / "qwen2.json").read_text())).round(4).to_markdown(index=False), ""]
-    scale_rows = [json.loads(p.read_text()) for p in sorted(work.glob("scale_*.json"))]
-    if scale_rows:
-        lines += ["## Scale: engine pass (lstsq, 2x4x256 tokens) on random Llama shapes (hidden 2048, MLP 8192), "
-                  "CPU fp32", "", pd.DataFrame(scale_rows).round(3).to_markdown(index=False), ""]
-    OUT.write_text("\n".join(lines))
+    rows = rows.sort_values(["ratio", "importance", "allocator", "reconstruct"],
+                            key=lambda c: c.map(MODES.index) if c.name == "reconstruct" else c)
+
+    def err(r, kind):
+        b, a = r.get(f"{kind}_err_before"), r.get(f"{kind}_err_after")
+        return "–" if pd.isna(b) else f"{b:.3f} → {a:.3f}"
+
+    lines = [GRID_BEGIN, "", "| importance | allocator | ratio | reconstruct | PPL | engine pass s | calib. forward s "
+             "| engine / forward | load | o_proj err before → after | down_proj err before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        eng = r["reconstruct_s"] if r["reconstruct"] != "none" else None
+        fwd = r["forward_s"]
+        lines.append(f"| {r['importance']} | {r['allocator']} | {r['ratio']:.2f} | {r['reconstruct']} "
+                     f"| {r['ppl']:.2f} | {'–' if eng is None else f'{eng:.1f}'} | {fwd:.1f} "
+                     f"| {'–' if eng is None else f'{eng / fwd:.2f}x'} | {r['load']:.1f} "
+                     f"| {err(r, 'attn')} | {err(r, 'mlp')} |")
+    lines += ["", GRID_END]
+    text = OUT.read_text()
+    text = text[:text.index(GRID_BEGIN)] + "\n".join(lines) + text[text.index(GRID_END) + len(GRID_END):]
+    OUT.write_text(text)
     print("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["grid", "qwen2", "scale", "report"])
+    ap.add_argument("what", choices=["grid", "one", "qwen2", "scale", "report"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_reconstruct"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=None, help="run only grid rows whose name contains this")
     ap.add_argument("--layers", type=int, default=16)
-    a = ap.parse_args()
+    a, rest = ap.parse_known_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    {"grid": lambda: grid(a.work, a.jobs, a.only), "qwen2": lambda: qwen2(a.work),
+    {"grid": lambda: grid(a.work, a.jobs, a.only), "one": lambda: one(rest), "qwen2": lambda: qwen2(a.work),
      "scale": lambda: scale(a.work, a.layers), "report": lambda: report(a.work)}[a.what]()
 
 

@@ -83,6 +83,7 @@ class ObsError:
     """importance=obs (see the module docstring)."""
 
     needs_data = True
+    cacheable = True     # the pipeline keeps the scores in the score cache (as the Importance base)
     name = "obs"
 
     def __init__(self, damp: float = 0.01, weighted: bool = True, chunks: int = 64, engine=None):

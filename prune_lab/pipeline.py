@@ -121,8 +121,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | Non
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
         torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
-    reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
     if prunes:
+        reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model), allocator)
         check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
         allocator.eligible(layer_views(model))      # layer range, eval windows: fail before scoring
     evaluator.check_data(eval_sets, streams)

@@ -107,7 +107,7 @@ class PlanRefit:
 class Reconstruct:
     """reconstruct=<mode>: refits the consumer projections of a plan in one engine pass."""
 
-    def __init__(self, mode: str = "none", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0,
+    def __init__(self, mode: str = "obs", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0,
                  residual: bool = True):
         if mode not in MODES:
             raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -122,16 +122,17 @@ class Reconstruct:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def check_calibration(self, n_tokens: int, views) -> None:
-        """Fail before any heavy work when the calibration cannot estimate the largest Gram."""
+    def check_calibration(self, n_tokens: int, views, allocator) -> None:
+        """Fail before any heavy work when the calibration cannot estimate the largest Gram of a refit
+        (allocator=depth, which needs no unit scores, removes whole layers: nothing to refit)."""
         need = max(max(v.attn.o.in_features, v.mlp.down.in_features) for v in views)
-        if self.enabled and n_tokens < need:
+        if self.enabled and allocator.needs_unit_scores and n_tokens < need:
             raise PruneLabError(f"reconstruct={self.mode} needs at least {need} calibration tokens to estimate "
                                 f"the Gram matrices, got {n_tokens}: raise calibration.n_samples or seq_len")
 
     def __call__(self, model, plan: PruningPlan, batches, engine) -> tuple[PruningPlan, list[dict]]:
         """Refit in place (masked form) and return (the plan actually removed, per-layer error rows)."""
-        if not self.enabled:
+        if not self.enabled or not (plan.attn or plan.mlp):     # e.g. allocator=depth: whole layers only
             return plan, []
         zero_units(model, PruningPlan(layers=plan.layers))      # removed layers are the identity
         method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_chunk, self.residual)

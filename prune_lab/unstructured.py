@@ -15,6 +15,7 @@ from .atomic import atomic_path
 from .dense import load_dense
 from .compression import linear_table, masks_kept, save_compression, summarise, write_tables
 from .data import load_named
+from .errors import PruneLabError
 from .record import RunRecord
 
 log = logging.getLogger("prune_lab")
@@ -32,6 +33,9 @@ def run_unstructured(cfg: DictConfig, run_dir: Path, record: RunRecord):
     engine = build(cfg.engine)
     finetuner = build(cfg.finetune)
     evaluator = build(cfg.eval, _convert_="all")
+    if cfg.reconstruct.mode != "none":    # these method yamls select reconstruct=none; an explicit one is refused
+        raise PruneLabError(f"reconstruct={cfg.reconstruct.mode} refits structured plans (method=structured); "
+                            f"method={method.name} compensates in its own sweep: drop the reconstruct override")
 
     with record.stage("load"):
         eval_sets = {n: dataset if n == "data" else load_named(n) for n in evaluator.dataset_names()}

@@ -27,7 +27,7 @@ PRESETS = {
     ("data", "c4"): {"name", "path", "splits", "data_files", "max_rows"},
     ("eval", "full"): {"zeroshot.tasks"},     # [] = off until tasks are named
     ("eval", "zeroshot"): {"zeroshot.tasks"},
-    **{("reconstruct", m): {"mode"} for m in ("bias", "lstsq", "obs")},
+    **{("reconstruct", m): {"mode"} for m in ("bias", "lstsq", "none")},
 }
 NESTED = {schema.PPLConf: perplexity, schema.ZeroShotConf: zero_shot, schema.EfficiencyConf: efficiency}
 SUPPLIED = {perplexity: ("model", "stream"), zero_shot: ("model", "tokenizer"), efficiency: ("model", "tokenizer")}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -141,6 +142,26 @@ def test_singular_gram_is_damped_never_nan():
     assert len(removed) == 2 and all(map(lambda e: e == e, errors))
 
 
+@pytest.mark.parametrize("mode", ["lstsq", "obs"])
+def test_dead_inputs_make_singular_grams_that_stay_finite(mode):
+    """Half of every layer's MLP channels never fire (gate and up rows zero): the down_proj Gram is singular;
+    damping keeps the refit finite, and OBS removes dead channels, which carry nothing (the error left,
+    ~1e-4, is the damping's shrinkage of the kept columns)."""
+    dense = lively(tiny_model())
+    with torch.no_grad():
+        for v in layer_views(dense):
+            v.mlp.gate.weight[24:] = 0
+            v.mlp.up.weight[24:] = 0
+    model = copy.deepcopy(dense)
+    plan = PruningPlan(mlp={i: list(range(20, 30)) for i in range(3)})
+    final, rows = Reconstruct(mode, damp=0.01)(model, plan, calib(), CPU)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(r["err_before"]) and math.isfinite(r["err_after"]) for r in rows)
+    if mode == "obs":                    # the greedy OBS takes the dead channels first: nothing is lost
+        assert all(set(final.mlp[i]) <= set(range(24, 48)) for i in range(3))
+        assert all(r["err_after"] < 1e-3 for r in rows)
+
+
 def test_bias_checkpoint_reloads_exactly(tmp_path):
     from prune_lab import load_pruned
     _, model, final, _ = refit_model(mode="bias")
@@ -177,10 +198,11 @@ def test_cli_verify_proves_the_executor_with_compensated_weights(mode, tmp_path)
 
 @pytest.mark.parametrize("override,message", [
     ("reconstruct.damp=0", "reconstruct.damp must be > 0"),
+    ("reconstruct.damp=-0.5", "reconstruct.damp must be > 0"),
     ("calibration.n_samples=1", "needs at least 64 calibration tokens"),
 ])
 def test_bad_reconstruct_input_is_one_line_exit_2(override, message, tmp_path):
-    proc = run_cli(*tiny_overrides("llama"), "reconstruct=lstsq", override, tmp_path=tmp_path, check=False)
+    proc = run_cli(*tiny_overrides("llama"), override, tmp_path=tmp_path, check=False)     # the default: obs
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in error_lines(proc) if line.startswith("prune_lab: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

@@ -99,7 +99,7 @@ class UniformShapeConf(AllocatorConf):
 @dataclass
 class ReconstructConf:
     _target_: str = "prune_lab.reconstruct.Reconstruct"
-    mode: str = "none"                       # none | bias | lstsq | obs
+    mode: str = "obs"                        # obs | lstsq | bias | none
     damp: float = 0.01                       # Gram damping, relative to mean(diag)
     fit_bias: bool = False                   # lstsq/obs: affine fit (adds a bias to o_proj/down_proj)
     obs_chunk: int = 0                       # obs: units removed per greedy step (0 = count/64)
