@@ -149,7 +149,18 @@ def scale(work: Path, layers: int) -> None:
     views = layer_views(model)
     plan = PruningPlan(attn={v.index: [0, 1] for v in views}, mlp={v.index: list(range(2048)) for v in views})
     start = time.time()
-    walk(model, batches, PlanRefit(plan, "lstsq", 0.01, False, 0), device="cpu", progress=False)
+    progress = work / f"scale_{layers}_progress.jsonl"
+    progress.unlink(missing_ok=True)
+
+    class Logged(PlanRefit):       # peak RSS after every refit: a cut-short run still shows the flat working set
+        def apply(self, index, view, stats):
+            row = super().apply(index, view, stats)
+            with open(progress, "a") as f:
+                f.write(json.dumps({"layer": index, "kind": row["kind"], "seconds": time.time() - start,
+                                    "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                                    "rss_after_load_GiB": rss_model}) + "\n")
+            return row
+    walk(model, batches, Logged(plan, "lstsq", 0.01, False, 0), device="cpu", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row = {"layers": layers, "params_B": params / 1e9, "model_GiB": params * 4 / 2**30, "rss_after_load_GiB": rss_model,
            "peak_rss_GiB": peak, "tokens": sum(b.numel() for b in batches), "seconds": time.time() - start}

@@ -171,7 +171,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | Non
                  record["plan"]["groups_removed"], record["plan"]["channels_removed"],
                  record["plan"]["layers_removed"], record["plan"]["params_removed"],
                  100 * record["plan"]["achieved_ratio"])
-        prior = memo.lookup(plan, model, record.metrics.get("data_fingerprint"), cfg) if memo else None
+        prior = memo.lookup(plan, model, record.metrics.get("data_fingerprint"), cfg, run_dir) if memo else None
         if prior is not None:    # in a study: a plan it already evaluated is not evaluated again
             record.update(prior.metrics)
             record["model"]["pruned"] = {"params_total": prior.params_total}

@@ -9,10 +9,12 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .study_storage import normalise_url, open_storage
 
 log = logging.getLogger("prune_lab")
@@ -83,7 +85,9 @@ class PlanMemo:
             return None
         return cls(normalise_url(sweeper_cfg.storage), sweeper_cfg.study_name)
 
-    def lookup(self, plan, model, data_fingerprint, cfg) -> Prior | None:
+    def lookup(self, plan, model, data_fingerprint, cfg, run_dir: Path) -> Prior | None:
+        """The prior trial's result, and its plan.csv copied into run_dir: with reconstruct=obs the units
+        actually removed differ from the allocator's plan (the key), deterministically."""
         import optuna
         from optuna.trial import TrialState
 
@@ -95,6 +99,10 @@ class PlanMemo:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.user_attrs.get("plan_key") == self.key and "results" in t.user_attrs:
                 log.info("plan already evaluated by trial %d of the study: reusing its result", t.number)
+                prior_plan = Path(t.user_attrs.get("run_dir", "")) / "plan.csv"
+                if prior_plan.is_file():
+                    with atomic_path(Path(run_dir) / "plan.csv") as tmp:
+                        shutil.copyfile(prior_plan, tmp)
                 return Prior(t.user_attrs["results"], t.user_attrs["params_total"],
                              {**t.user_attrs.get("metrics", {}), "reused_plan": {"trial": t.number, "key": self.key}})
         return None
