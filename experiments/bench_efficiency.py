@@ -1,8 +1,8 @@
 """Dense vs pruned (25%) prefill and decode speed, with and without hardware-aligned widths.
 
     python experiments/bench_efficiency.py --model lab-llama
-    flock /tmp/prune_lab_heavy.lock python experiments/bench_efficiency.py --model 1b --dtype bfloat16 \\
-        --prompt-len 64 --gen-tokens 16 --batch-sizes 1,4 --variants dense,global,global_m128,uniform_shape
+    flock /tmp/prune_lab_big.lock python experiments/bench_efficiency.py --model llama3_1b --dtype bfloat16 \\
+        --prompt-len 64 --gen-tokens 16 --batch-sizes 1,4 --variants dense,global,global_m64,global_m128,uniform_shape
 
 Every variant stays in memory and the variants are measured in interleaved rounds (one timed run
 of each per round, after a warm-up round), so a slow spell of a shared machine hits them all; the
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +33,9 @@ from prune_lab.model import EmbeddedModel  # noqa: E402
 from prune_lab.prune import apply_plan  # noqa: E402
 
 SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, vocab_size=32000)}    # TinyLlama-1.1B
+                     num_key_value_heads=4, vocab_size=32000),     # TinyLlama-1.1B
+          "llama3_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)}   # Llama-3.2-1B
 VARIANTS = {"dense": None, "global": (Global, 1), "global_m64": (Global, 64), "global_m128": (Global, 128),
             "uniform_shape": (UniformShape, 1), "uniform_shape_m128": (UniformShape, 128)}
 
@@ -51,7 +55,9 @@ def variant(dense, name: str, ratio: float):
     if VARIANTS[name] is None:
         return dense, "—"
     cls, multiple_of = VARIANTS[name]
-    model = copy.deepcopy(dense)
+    # pruning leaves embeddings, final norm and LM head alone: every variant shares the dense ones
+    outside = [p for n, p in dense.named_parameters() if ".layers." not in n]
+    model = copy.deepcopy(dense, memo={id(p): p for p in outside})
     views = layer_views(model)
     scores = Magnitude()(model)
     plan = align_plan(cls(ratio=ratio, multiple_of=multiple_of)(scores, views), scores, views, multiple_of)
@@ -62,6 +68,10 @@ def variant(dense, name: str, ratio: float):
     desc = (f"{len(shapes)} layers; MLP widths {_span(widths)}; q heads {_span(heads)}; "
             f"{1 - decoder_linear_params(model) / decoder_linear_params(dense):.1%} removed")
     return model, desc
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
 
 
 def _span(values: list[int]) -> str:
@@ -85,6 +95,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    load_start = os.getloadavg()
     dense = load(args.model, getattr(torch, args.dtype))
     models = {name: variant(dense, name, args.ratio) for name in args.variants.split(",")}
     measure = lambda m: efficiency(m, None, args.prompt_len, args.gen_tokens, batch_sizes,   # noqa: E731
@@ -104,10 +115,14 @@ def main():
     lines = [f"# Efficiency: {args.model}, {args.dtype}, {device}, ratio {args.ratio}", "",
              f"`{' '.join(sys.argv)}`", "",
              f"Prompt {args.prompt_len} random tokens, {args.gen_tokens} greedy decode steps over the KV cache; "
-             f"median of {args.rounds} interleaved rounds after a warm-up round. Speed-up = pruned / dense "
-             f"tokens/s.", "", "| variant | shape | " + " | ".join(
-                 f"prefill tok/s bs{b} (×) | decode tok/s bs{b} (×) | decode ms/step bs{b}" for b in batch_sizes)
-             + " |", "|---|---|" + "---|---|---|" * len(batch_sizes)]
+             f"median of {args.rounds} interleaved rounds after a warm-up round; {args.threads} CPU thread(s) "
+             f"(torch.set_num_threads); load average (1/5/15 min) {_load(load_start)} at the start, "
+             f"{_load(os.getloadavg())} at the end; process peak RSS "
+             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB. Speed-up = pruned / dense "
+             f"tokens/s; prefill ms = time to the first token of the whole batch.", "",
+             "| variant | shape | " + " | ".join(
+                 f"prefill tok/s bs{b} (×) | prefill ms bs{b} | decode tok/s bs{b} (×) | decode ms/step bs{b}"
+                 for b in batch_sizes) + " |", "|---|---|" + "---|---|---|---|" * len(batch_sizes)]
     base = "dense" if "dense" in models else None
     for name, (_, desc) in models.items():
         cells = []
@@ -116,6 +131,7 @@ def main():
             dec = med(name, f"efficiency/bs{b}/decode_tokens_per_s")
             rel = (lambda v, k: f" ({v / med(base, k):.2f}×)" if base else "")
             cells += [f"{pre:,.0f}{rel(pre, f'efficiency/bs{b}/prefill_tokens_per_s')}",
+                      f"{med(name, f'efficiency/bs{b}/prefill_latency_ms'):,.0f}",
                       f"{dec:,.1f}{rel(dec, f'efficiency/bs{b}/decode_tokens_per_s')}",
                       f"{med(name, f'efficiency/bs{b}/decode_ms_per_token'):.1f}"]
         lines.append(f"| {name} | {desc} | " + " | ".join(cells) + " |")

@@ -54,12 +54,15 @@ def main():
     add = lambda n, r: acc[n][r].add_(grad[n][r])                                  # noqa: E731
     cast = lambda n, r: theta[n][r].to(torch.float32, copy=True)                   # noqa: E731
     square = lambda n, r: theta[n][r].to(torch.float32, copy=True).mul_(grad[n][r]).square_().sum(1)  # noqa: E731
+    final = lambda n, r: theta[n][r].to(torch.float32, copy=True).mul_(acc[n][r]).abs_().sum(1)  # noqa: E731
     ops = {"grad sum: acc += g (fp32 += bf16), whole tensor": blocked(whole, add),
            "θ → fp32 copy, whole tensor": blocked(whole, cast),
            "(θ·g)² row sums in fp32, whole tensor": blocked(whole, square),
            "θ·g in bf16 (no fp32 temporary), whole tensor": lambda n: theta[n] * grad[n],
            f"grad sum, row blocks of {gradients.CPU_BLOCK} elements": blocked(rows, add),
-           f"(θ·g)² row sums, row blocks of {gradients.CPU_BLOCK} elements": blocked(rows, square)}
+           f"(θ·g)² row sums, row blocks of {gradients.CPU_BLOCK} elements": blocked(rows, square),
+           "final |θ·Σg| row sums (once per run), whole tensor": blocked(whole, final),
+           f"final |θ·Σg| row sums, row blocks of {gradients.CPU_BLOCK} elements": blocked(rows, final)}
     load = os.getloadavg()
     n_params = sum(t.numel() for t in theta.values())
     lines = [f"# Taylor hook work per decoder layer: {args.shape} shape, {args.dtype}, CPU, 1 thread", "",

@@ -125,9 +125,28 @@ class phase:
 
 
 def streaming(options):
+    """importance=taylor_2nd; the hooks' fold and the final per-weight pass timed apart (no device
+    sync inside the hooks: on a GPU their share is only the host side)."""
     def run(model, batches, phases):
-        with phase(phases, "score (forward+backward+hooks+final)"):
-            Taylor(second_order=True, **options)(model, batches)
+        fold, final = gradients.GradientStatistics._fold, gradients.GradientStatistics.scores
+
+        def timed_fold(self, p, **kw):
+            start = time.perf_counter()
+            fold(self, p, **kw)
+            phases["hooks: fold grads (+(θ·g)² per unit)"] = \
+                phases.get("hooks: fold grads (+(θ·g)² per unit)", 0.0) + time.perf_counter() - start
+
+        def timed_final(self, n):
+            with phase(phases, "final |θ·Σg| per unit"):
+                return final(self, n)
+        gradients.GradientStatistics._fold, gradients.GradientStatistics.scores = timed_fold, timed_final
+        try:
+            with phase(phases, "score, total"):
+                Taylor(second_order=True, **options)(model, batches)
+        finally:
+            gradients.GradientStatistics._fold, gradients.GradientStatistics.scores = fold, final
+        phases["forward+backward (the rest)"] = phases["score, total"] - sum(
+            v for k, v in phases.items() if k.startswith(("hooks", "final")))
     return run
 
 
@@ -233,7 +252,7 @@ def report(args, results, profile) -> str:
     if profile:
         lines += ["", "## Where the time goes (seconds per phase, summed over batches)", ""]
         for r in profile:
-            total = sum(r["phases"].values())
+            total = r["seconds"]
             lines += [f"**{r['mode']}** ({r['tokens']} tokens/batch, {r['seconds']:.2f} s):", "",
                       "| phase | s | share |", "|---|---|---|"]
             lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in r["phases"].items()]
@@ -253,6 +272,7 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest is reported")
     ap.add_argument("--profile", default=None, help="also profile phases on this shape (e.g. mid)")
+    ap.add_argument("--phases", action="store_true", help="per-phase tables of the cells above too")
     ap.add_argument("--out", default="experiments/results/lean_grad.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="default", help=argparse.SUPPRESS)
@@ -267,11 +287,11 @@ def main():
     args.token_list = [int(t) for t in args.tokens.split(",")]
     args.load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     results = [cell(args, m, t) for t in args.token_list for m in args.modes.split(",")]
-    profile = []
+    profile = [r for r in results if args.phases and "error" not in r]
     if args.profile:
         shape = args.shape
         args.shape = args.profile
-        profile = [cell(args, m, args.token_list[-1]) for m in ("bare", "before", "default")]
+        profile += [cell(args, m, args.token_list[-1]) for m in ("bare", "before", "default")]
         args.shape = shape
     text = report(args, results, [p for p in profile if "error" not in p])
     print(text)
