@@ -40,6 +40,7 @@ SETTINGS: dict[str, list[str]] = {
     "sparsegpt 50% + mixed quantile 4.0": ["method=sparsegpt", "method.sparsity=0.5", *QUANTILE4],
 }
 # in the order they are run (most important first)
+NOTES = "## Notes"        # from this heading on, the results file is hand-written and kept by --render
 CORE = ["sparsegpt 50%", "sparsegpt 2:4", "gptq uniform 4", "mixed budget 4.0", "mixed quantile 4.0 (2,3,4,5,6)",
         "wanda 50%", "wanda 2:4", "magnitude 50%", "magnitude 2:4", "sparsegpt 50% + gptq uniform 4",
         "sparsegpt 50% + mixed budget 4.0", "sparsegpt 50% + mixed quantile 4.0", "sparsegpt 50% symmetric",
@@ -113,10 +114,13 @@ def main() -> None:
     llmc = json.loads(llmc_path.read_text()) if llmc_path.exists() else []
     ordered = [rows[n] for n in SETTINGS if n in rows]
     windows = f"the first {args.windows}" if args.windows else "all 247"
-    Path(args.out).write_text("# SparseGPT / Wanda / magnitude and mixed-precision GPTQ on lab-llama (fp32, CPU)\n\n"
-                              "Calibration: 64 x 256 train tokens (seed 0); PPL: wiki-vital-en test, "
-                              f"{windows} non-overlapping 256-token windows. Made by "
-                              "`experiments/run_sparsegpt_benchmarks.sh`.\n\n" + table(ordered, llmc))
+    out = Path(args.out)
+    notes = out.read_text().partition(NOTES)[2] if out.exists() else ""      # hand-written analysis, kept
+    out.write_text("# SparseGPT / Wanda / magnitude and mixed-precision GPTQ on lab-llama (fp32, CPU)\n\n"
+                   "Calibration: 64 x 256 train tokens (seed 0); PPL: wiki-vital-en test, "
+                   f"{windows} non-overlapping 256-token windows. Made by "
+                   "`experiments/run_sparsegpt_benchmarks.sh`.\n\n" + table(ordered, llmc)
+                   + (f"\n{NOTES}{notes}" if notes else ""))
 
 
 if __name__ == "__main__":
