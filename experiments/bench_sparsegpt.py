@@ -27,12 +27,14 @@ G128 = ["quant.group_size=128", "quant.act_order=true"]          # llm-compresso
 Q4 = ["quant=uniform", "quant.bits=4", *G128]
 MIXED = ["quant=mixed", *G128]                                   # budget allocation at 4.0 average bits
 QUANTILE4 = ["quant=mixed", "quant.allocation=quantile", "quant.bits_options=[2,3,4,5,6]", *G128]  # 4.0 average
+QUANTILE345 = ["quant=mixed", "quant.allocation=quantile", "quant.bits_options=[3,4,5]", *G128]      # 4.0 average
 SETTINGS: dict[str, list[str]] = {
     **{f"{m} {s}": [f"method={m}", *o] for s, o in SPARSE.items() for m in ("magnitude", "wanda", "sparsegpt")},
     **{f"sparsegpt {s} symmetric": ["method=sparsegpt", *o, *SYM] for s, o in SPARSE.items()},
     "gptq uniform 4": ["method=sparsegpt", "method.sparsity=0", *Q4],
     "mixed budget 4.0": ["method=sparsegpt", "method.sparsity=0", *MIXED],
-    "mixed quantile 4.0 (2,3,4,5,6)": ["method=sparsegpt", "method.sparsity=0", *QUANTILE4],
+    "mixed quantile 4.0 (options 2-6)": ["method=sparsegpt", "method.sparsity=0", *QUANTILE4],
+    "mixed quantile 4.0 (options 3-5)": ["method=sparsegpt", "method.sparsity=0", *QUANTILE345],
     "gptq uniform 4 symmetric": ["method=sparsegpt", "method.sparsity=0", *Q4, *SYM],
     "mixed budget 4.0 symmetric": ["method=sparsegpt", "method.sparsity=0", *MIXED, *SYM],
     "sparsegpt 50% + gptq uniform 4": ["method=sparsegpt", "method.sparsity=0.5", *Q4],
@@ -41,8 +43,8 @@ SETTINGS: dict[str, list[str]] = {
 }
 # in the order they are run (most important first)
 NOTES = "## Notes"        # from this heading on, the results file is hand-written and kept by --render
-CORE = ["sparsegpt 50%", "sparsegpt 2:4", "gptq uniform 4", "mixed budget 4.0", "mixed quantile 4.0 (2,3,4,5,6)",
-        "wanda 50%", "wanda 2:4", "magnitude 50%", "magnitude 2:4", "sparsegpt 50% + gptq uniform 4",
+CORE = ["sparsegpt 50%", "sparsegpt 2:4", "gptq uniform 4", "mixed budget 4.0", "mixed quantile 4.0 (options 2-6)",
+        "mixed quantile 4.0 (options 3-5)", "wanda 50%", "wanda 2:4", "magnitude 50%", "magnitude 2:4", "sparsegpt 50% + gptq uniform 4",
         "sparsegpt 50% + mixed budget 4.0", "sparsegpt 50% + mixed quantile 4.0", "sparsegpt 50% symmetric",
         "sparsegpt 2:4 symmetric", "gptq uniform 4 symmetric", "mixed budget 4.0 symmetric"]
 
@@ -82,12 +84,13 @@ def table(rows: list[dict], llmc: list[dict]) -> str:
         out += ["", f"**prune_lab vs llm-compressor, back to back in one process** "
                 f"(`experiments/compare_llmcompressor.py`; dense {fmt(dense, '.2f')}):", "",
                 "| setting | prune_lab PPL | llm-compressor PPL | prune_lab engine (s) | llm-compressor oneshot (s) | "
-                "time ratio | zeros (ours / theirs) | load |", "|---|---|---|---|---|---|---|---|"]
+                "time ratio | zeros (ours / theirs) | load | prune_lab command |", "|---|---|---|---|---|---|---|---|---|"]
         for r in pairs:
             ratio = r["ours_s"] / r["llmc_s"] if r.get("llmc_s") else None
             out.append(f"| {r['setting']} | {r['ours_ppl']:.2f} | {fmt(r.get('llmc_ppl'), '.2f')} | "
                        f"{r['ours_s']:.0f} | {fmt(r.get('llmc_s'), '.0f')} | {fmt(ratio, '.2f')} | "
-                       f"{r['ours_zeros']:.3f} / {fmt(r.get('llmc_zeros'), '.3f')} | {r['ours_load']:.1f} |")
+                       f"{r['ours_zeros']:.3f} / {fmt(r.get('llmc_zeros'), '.3f')} | {r['ours_load']:.1f} | "
+                       f"`python -m prune_lab {r['prune_lab']}` |")
     return "\n".join(out) + "\n"
 
 
