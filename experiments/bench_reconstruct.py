@@ -173,8 +173,9 @@ def report(work: Path) -> None:
     import pandas as pd
     rows = pd.DataFrame([json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()])
     rows = rows.drop_duplicates(["importance", "allocator", "ratio", "reconstruct", "extra"], keep="last")
+    order = {"reconstruct": MODES.index, "importance": lambda i: i != "taylor"}
     rows = rows.sort_values(["ratio", "importance", "allocator", "reconstruct"],
-                            key=lambda c: c.map(MODES.index) if c.name == "reconstruct" else c)
+                            key=lambda c: c.map(order[c.name]) if c.name in order else c)
 
     def err(r, kind):
         b, a = r.get(f"{kind}_err_before"), r.get(f"{kind}_err_after")

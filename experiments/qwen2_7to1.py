@@ -4,9 +4,12 @@ No trained Qwen2 ships here, so this trains a small one briefly on the embedded 
 (14 query / 2 KV heads of 16, hidden 224, MLP 640, 6 layers, q/k/v bias as Qwen2 hard-codes; fp32, CPU),
 saves it OUTSIDE the repo (default /tmp/qwen2_7to1) as a plain HF directory, then runs the real CLI on it:
 `python -m prune_lab model=hf model.path=<dir> model.dtype=float32 reconstruct=none|obs eval.before=true`
-(taylor + global 25%, default calibration, no recovery) and prints the PPL rise over dense of each.
+(taylor + global or uniform 25%, default calibration, no recovery) and prints the PPL rise over dense of each.
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/qwen2_7to1.py [--minutes 10] [--out /tmp/qwen2_7to1]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/qwen2_7to1.py --skip-train --allocator uniform
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/qwen2_7to1.py --skip-train --allocator layerwise \
+        --extra allocator.distribution=5:5      # half of the removed params from attention: whole 7-head groups
 """
 from __future__ import annotations
 
@@ -60,15 +63,15 @@ def train(out: Path, minutes: float, seq_len: int = 128, batch: int = 16, lr: fl
     return info
 
 
-def cli(out: Path, mode: str, work: Path) -> dict:
-    run_dir = work / f"run_{mode}"
+def cli(out: Path, mode: str, work: Path, allocator: str, extra: list[str]) -> dict:
+    run_dir = work / f"run_{allocator}_{mode}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(work / "cache"),
                PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, "-m", "prune_lab", "model=hf", f"model.path={out}", "model.dtype=float32",
-                    "model.device=cpu", f"reconstruct={mode}", "eval.before=true", "output.plots=false",
-                    "engine.progress=false", f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, check=True)
+                    "model.device=cpu", f"reconstruct={mode}", f"allocator={allocator}", "eval.before=true", "output.plots=false",
+                    "engine.progress=false", *extra, f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, check=True)
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"reconstruct": mode, "dense": m["dense"]["ppl/data"], "pruned": m["pruned"]["ppl/data"],
+    return {"allocator": allocator, "reconstruct": mode, "plan": m["plan"], "dense": m["dense"]["ppl/data"], "pruned": m["pruned"]["ppl/data"],
             "reconstruct_err": m.get("reconstruct", {})}
 
 
@@ -77,15 +80,17 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qwen2_7to1"))
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--allocator", default="global", help="global | uniform | layerwise")
+    ap.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. allocator.distribution=5:5")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.skip_train:
         print(json.dumps(train(a.out, a.minutes)), flush=True)
-    rows = [cli(a.out, mode, a.out) for mode in ("none", "obs")]
+    rows = [cli(a.out, mode, a.out, a.allocator, a.extra) for mode in ("none", "obs")]
     for r in rows:
         r["rise_pct"] = 100 * (r["pruned"] / r["dense"] - 1)
     rows.append({"recovered_share_of_loss": (rows[0]["pruned"] - rows[1]["pruned"]) / (rows[0]["pruned"] - rows[0]["dense"])})
-    (a.out / "result.json").write_text(json.dumps(rows, indent=1))
+    (a.out / f"result_{a.allocator}.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
 
 
