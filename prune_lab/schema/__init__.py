@@ -34,8 +34,9 @@ SCHEMAS = {
 
 
 def register() -> None:
+    """Store the schemas in Hydra's ConfigStore; calling it again replaces them with the same nodes."""
     cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConf)
+    cs.store(name="job_schema", node=JobConf, replace=True)
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
+            cs.store(group=f"schema/{group}", name=name, node=node, replace=True)
