@@ -4,7 +4,8 @@
 `magnitude` are layer methods for the sequential engine (prune_lab/engine.py): they zero individual
 weights (unstructured or N:M) and, with quant=uniform|mixed, quantize every output channel with
 GPTQ error feedback in the same column sweep. SparseGPT updates the remaining weights (OBS); Wanda
-and magnitude only choose the mask.
+and magnitude only choose the mask. `asymmetric` > 0 (sparsegpt's default 0.25) asks the engine for the
+dense stream too and sweeps the target W0 of sparsegpt.asymmetric_target instead of W.
 """
 from __future__ import annotations
 
