@@ -54,8 +54,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build(shape: str, dtype: torch.dtype):
-    config = AutoConfig.for_model("llama", **SHAPES[shape], max_position_embeddings=4096)
+def build(shape: str, dtype: torch.dtype, layers: int | None = None):
+    config = AutoConfig.for_model("llama", **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+                                  max_position_embeddings=4096)
     torch.manual_seed(0)
     with device():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -172,7 +173,7 @@ def peak_bytes() -> int:
 
 def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
-    model = build(args.shape, dtype)
+    model = build(args.shape, dtype, args.layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.tokens), generator=gen).to(device())
@@ -212,6 +213,7 @@ def cell(args, mode: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--tokens", str(tokens),
            "--shape", args.shape, "--batches", str(args.batches), "--dtype", args.dtype,
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    cmd += ["--layers", str(args.layers)] if args.layers else []
     cmd += ["--bare-after"] if args.bare_after else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -226,7 +228,8 @@ def cell(args, mode: str, tokens: int) -> dict:
 
 def report(args, results, profile) -> str:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores), peak RSS"
-    lines = [f"# Taylor scoring memory: {args.shape} Llama shape, {args.dtype}, {where}", "",
+    depth = f" with {args.layers} layers" if args.layers else ""
+    lines = [f"# Taylor scoring memory: {args.shape} Llama shape{depth}, {args.dtype}, {where}", "",
              f"`{' '.join(sys.argv)}` — {args.batches} calibration batches of {args.batch_size}×tokens, taylor_2nd; "
              f"time = fastest of {args.repeats} runs after a forward warm-up; load average {args.load} at the start."
              + (" Last column: bare fwd+bwd timed in the same process right after the mode (its peak read "
@@ -267,6 +270,7 @@ def main():
     ap.add_argument("--tokens", default="128,512", help="tokens per calibration batch (comma list)")
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per calibration batch")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     ap.add_argument("--bare-after", action="store_true",
                     help="also time bare fwd+bwd in each mode's process (a same-process ratio)")
     ap.add_argument("--modes", default=",".join(MODES))
