@@ -125,7 +125,7 @@ def save_compression(path: Path, method, quant, summary: dict) -> None:
     save_file(tensors, str(path / FILE))
     meta = {"method": method.name, "sparsity": method.spec.sparsity, "prune_n": method.spec.prune_n,
             "prune_m": method.spec.prune_m, "quant": type(quant).__name__.lower(),
-            "sym": getattr(quant, "sym", None), "group_size": getattr(quant, "group_size", None),
+            "sym": quant.sym, "group_size": quant.group_size,
             "weights": "dequantized", "mask_shapes": shapes, "summary": summary}
     (path / META).write_text(json.dumps(meta, indent=2, default=str))
 

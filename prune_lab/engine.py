@@ -34,8 +34,9 @@ RESIDUAL_NORMS = {"attn.o": ("input_layernorm", "self_attn_layer_norm"),
 
 
 class LayerMethod(Protocol):
-    needs_gram: bool            # optional `needs_cross: bool` (default False) asks for the two streams,
-                                # optional `needs_residual: bool` also for the residual drift (attn.o, mlp.down)
+    needs_gram: bool            # the Gram X·Xᵀ of each linear's inputs (else sums only)
+    needs_cross: bool           # two streams: X on the dense path next to X~ on the modified one
+    needs_residual: bool        # with needs_cross: the residual-stream drift where attn.o / mlp.down add
 
     def stages(self, view: LayerView) -> list[list[str]]: ...
 
@@ -81,8 +82,8 @@ def walk(model: nn.Module, batches, method: LayerMethod, *, device="cpu", offloa
             container.layers = nn.ModuleList()
             model.model.to(homes[0])
             container.layers = layers
-    needs_cross = bool(getattr(method, "needs_cross", False)) and propagate == "pruned"
-    residual = needs_cross and bool(getattr(method, "needs_residual", False))
+    needs_cross = method.needs_cross and propagate == "pruned"
+    residual = needs_cross and method.needs_residual
     dense_in = list(pruned_in) if needs_cross else None
     records = []
     bar = tqdm(views, desc="engine", disable=not progress, leave=False)
@@ -187,9 +188,10 @@ class Engine:
         self.device, self.offload = resolve_device(device), offload
         self.propagate, self.progress = propagate, progress
 
-    def walk(self, model: nn.Module, batches, method: LayerMethod, **kwargs):
+    def walk(self, model: nn.Module, batches, method: LayerMethod, propagate: str | None = None, **kwargs):
+        """walk() with these settings; `propagate` overrides engine.propagate (importance: "dense")."""
         return walk(model, batches, method, device=self.device, offload=self.offload,
-                    propagate=self.propagate, progress=self.progress, **kwargs)
+                    propagate=propagate or self.propagate, progress=self.progress, **kwargs)
 
     def describe(self) -> dict:
         return {"device": str(self.device), "offload": self.offload, "propagate": self.propagate}

@@ -134,7 +134,7 @@ class Wanda(Importance):
 class _Fluctuation:
     """Engine method: one stage with the two consumers; keeps their input stats, changes nothing."""
 
-    needs_gram = False
+    needs_gram = needs_cross = needs_residual = False
 
     def __init__(self):
         self.stats: dict[int, dict] = {}
@@ -159,13 +159,9 @@ class Flap(Importance):
 
     @torch.no_grad()
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
-        from .engine import walk
+        from .engine import Engine
         method = _Fluctuation()
-        if self.engine is None:
-            walk(model, batches, method, device=model.device, propagate="dense")
-        else:
-            walk(model, batches, method, device=self.engine.device, offload=self.engine.offload,
-                 propagate="dense", progress=self.engine.progress)
+        (self.engine or Engine(str(model.device))).walk(model, batches, method, propagate="dense")
         attn, mlp = [], []
         for v in layer_views(model):
             s = method.stats[v.index]

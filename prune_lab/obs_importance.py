@@ -53,7 +53,7 @@ def output_sensitivity(model, batches) -> dict[int, dict[str, torch.Tensor]]:
 class _GreedyErrors:
     """Engine method: Gram of the o_proj/down_proj inputs -> greedy OBS error of every unit."""
 
-    needs_gram = True
+    needs_gram, needs_cross, needs_residual = True, False, False
 
     def __init__(self, damp: float, weights, chunks: int):
         self.damp, self.weights, self.chunks = damp, weights, chunks
@@ -82,22 +82,16 @@ class _GreedyErrors:
 class ObsError:
     """importance=obs (see the module docstring)."""
 
-    needs_data = True
     cacheable = True     # the pipeline keeps the scores in the score cache (as the Importance base)
     name = "obs"
 
     def __init__(self, damp: float = 0.01, weighted: bool = True, chunks: int = 64, engine=None):
         self.damp, self.weighted, self.chunks, self.engine = damp, weighted, chunks, engine
 
-    def describe(self) -> dict:
-        return {"name": self.name, "damp": self.damp, "weighted": self.weighted}
-
     def __call__(self, model, batches, seed: int = 0) -> UnitScores:
-        from .engine import walk
+        from .engine import Engine
         weights = output_sensitivity(model, batches) if self.weighted else None
         method = _GreedyErrors(self.damp, weights, self.chunks)
-        opts = {"device": model.device, "offload": False, "progress": True} if self.engine is None else \
-            {"device": self.engine.device, "offload": self.engine.offload, "progress": self.engine.progress}
-        walk(model, batches, method, propagate="dense", **opts)
+        (self.engine or Engine(str(model.device))).walk(model, batches, method, propagate="dense")
         n = len(layer_views(model))
         return UnitScores([method.attn[i] for i in range(n)], [method.mlp[i] for i in range(n)])

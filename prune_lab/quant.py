@@ -176,6 +176,7 @@ class NoQuant:
 
     enabled = False
     act_order = False
+    sym = group_size = None          # quant=none: no quantizer settings (recorded as null)
 
     def allocate(self, weights: dict, stats: dict, hinv_diags: dict) -> tuple[dict, dict]:
         return {}, {}

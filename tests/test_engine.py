@@ -15,7 +15,7 @@ from prune_lab.errors import PruneLabError
 class Observe:
     """Changes nothing; keeps the stats it was handed."""
 
-    needs_gram = True
+    needs_gram, needs_cross, needs_residual = True, False, False
 
     def __init__(self, stages=(("attn.o",), ("mlp.down",))):
         self._stages = [list(s) for s in stages]
