@@ -56,7 +56,7 @@ class GradientStatistics:
     def __init__(self, views: list[LayerView], second_order: bool = False, offload: bool = False):
         self.views, self.second_order = views, second_order
         self.terms = [(v.index, t) for v in views for t in unit_terms(v)]
-        self.params = [getattr(t.lin, t.name) for _, t in self.terms]
+        self.params = [t.param for _, t in self.terms]
         self.grad_sum = {p: torch.zeros(p.shape, dtype=torch.float32, device="cpu" if offload else p.device)
                          for p in self.params}
         self._staging: dict[torch.dtype, torch.Tensor] = {}      # pinned host buffer per grad dtype
@@ -65,8 +65,7 @@ class GradientStatistics:
 
     def __enter__(self) -> "GradientStatistics":
         for layer, term in self.terms:
-            p = getattr(term.lin, term.name)
-            self._handles.append(p.register_post_accumulate_grad_hook(
+            self._handles.append(term.param.register_post_accumulate_grad_hook(
                 functools.partial(self._fold, layer=layer, term=term)))
         return self
 
@@ -103,7 +102,7 @@ class GradientStatistics:
         """|θ·ḡ| per weight summed per unit (+ ½·θ²·E[g²] with second_order)."""
         out = zero_scores(self.views)
         for layer, term in self.terms:
-            p = getattr(term.lin, term.name)
+            p = term.param
             theta, acc = p.detach(), self.grad_sum[p]
 
             def per_weight(rows, theta=theta, acc=acc):

@@ -27,6 +27,7 @@ from .layer_table import layer_table, write_layer_table
 from .plan import PruningPlan
 from .prune import apply_plan
 from .reconstruct import summarize, write_errors
+from .scores import save_scores
 from .record import RunRecord
 from .study import PlanMemo
 from .verify import require_passed, verify_pruning
@@ -108,7 +109,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | Non
         raise PruneLabError(f"{type(allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
     prunes = allocator is not None and not allocator.removes_nothing   # ratio 0: evaluate only
-    want_units = allocator is None or (prunes and allocator.needs_unit_scores)
+    slices_units = prunes and allocator.needs_unit_scores    # depth removes whole layers: nothing to refit
+    want_units = allocator is None or slices_units
     want_layers = layer_importance is not None and (allocator is None or prunes)
     recovers = allocator is not None and finetuner.enabled
 
@@ -121,8 +123,9 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | Non
         model, tokenizer, streams, dense_reused = load_dense(loader, cfg)
         torch.manual_seed(cfg.seed)   # the same RNG state whether the dense model came from disk or memory
     record["model"] = {"name": loader.name, "dense": model_stats(model), "dense_reused": dense_reused}
+    if slices_units:
+        reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model))
     if prunes:
-        reconstructor.check_calibration(calibration.n_samples * calibration.seq_len, layer_views(model), allocator)
         check_alignment(layer_views(model), allocator.multiple_of)   # multiple_of fits every layer
         allocator.eligible(layer_views(model))      # layer range, eval windows: fail before scoring
     evaluator.check_data(eval_sets, streams)
@@ -232,17 +235,6 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, memo: PlanMemo | Non
             write_run_plots(run_dir, plan, scores, layer_scores, views_before=views)
     record.write()
     return JobResult(results, record["model"]["pruned"]["params_total"])
-
-
-def save_scores(path: Path, scores, layer_scores) -> None:
-    """Unit scores (attn.i / mlp.i) and layer importance ("layer") in one safetensors file."""
-    from safetensors.torch import save_file
-    tensors = scores.to_tensors() if scores is not None else {}
-    if layer_scores is not None:
-        tensors["layer"] = layer_scores.detach().cpu().float().contiguous()
-    if tensors:
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
 
 
 def _fmt(results: dict) -> str:

@@ -122,11 +122,10 @@ class Reconstruct:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def check_calibration(self, n_tokens: int, views, allocator) -> None:
-        """Fail before any heavy work when the calibration cannot estimate the largest Gram of a refit
-        (allocator=depth, which needs no unit scores, removes whole layers: nothing to refit)."""
+    def check_calibration(self, n_tokens: int, views) -> None:
+        """Fail before any heavy work when the calibration cannot estimate the largest Gram of a refit."""
         need = max(max(v.attn.o.in_features, v.mlp.down.in_features) for v in views)
-        if self.enabled and allocator.needs_unit_scores and n_tokens < need:
+        if self.enabled and n_tokens < need:
             raise PruneLabError(f"reconstruct={self.mode} needs at least {need} calibration tokens to estimate "
                                 f"the Gram matrices, got {n_tokens}: raise calibration.n_samples or seq_len")
 

@@ -42,8 +42,7 @@ class UnitScores:
         return cls([t[f"attn.{i}"] for i in range(n)], [t[f"mlp.{i}"] for i in range(n)])
 
     def save(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp:
-            save_file(self.to_tensors(), str(tmp))
+        save_scores(path, self)
 
     @classmethod
     def load(cls, path: str | Path) -> "UnitScores":
@@ -65,6 +64,10 @@ class Term:
     kind: str                       # "attn" | "mlp"
     axis: int | None
     units: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.lin, self.name)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(x if self.axis is None else x.sum(self.axis))
@@ -104,3 +107,14 @@ def add_into(acc: UnitScores | None, new: UnitScores) -> UnitScores:
     for a, b in zip(acc.attn + acc.mlp, new.attn + new.mlp):
         a += b
     return acc
+
+
+def save_scores(path: str | Path, scores: UnitScores | None, layer_scores: torch.Tensor | None = None) -> None:
+    """Unit scores (attn.i / mlp.i) and layer importance ("layer") in one safetensors file (a run's
+    scores.safetensors; nothing is written when both are None)."""
+    tensors = scores.to_tensors() if scores is not None else {}
+    if layer_scores is not None:
+        tensors["layer"] = layer_scores.detach().cpu().float().contiguous()
+    if tensors:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
