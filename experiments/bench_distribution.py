@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench_distribution.py [--trials 20] [--work /tmp/bench_distribution]
 
 Runs the real CLI, in this order, with a fresh score cache:
-  1. `-m experiment=optuna_distribution` (TPE over the attention share x in [0, 10]),
+  1. `-m hparams_search=optuna_distribution` (TPE over the attention share x in [0, 10]),
   2. the grid `allocator.distribution=0:10,...,10:0`, then the fine grid (step 0.5) around its best,
   3. `layer_importance=activation,removal` at the grid's best split, cache off (score time of each).
 Reports the trials Optuna needs to get within 1% of the grid's best PPL, each trial's wall time
@@ -65,7 +65,7 @@ def grid_args(shares: list[float]) -> str:
 
 def optuna_study(work: Path, trials: int) -> tuple[pd.DataFrame, float]:
     storage = f"sqlite:///{work / 'study.db'}"
-    wall = cli(["-m", "experiment=optuna_distribution", *COMMON, f"hydra.sweeper.n_trials={trials}",
+    wall = cli(["-m", "hparams_search=optuna_distribution", *COMMON, f"hydra.sweeper.n_trials={trials}",
                 f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={work / 'optuna'}",
                 "hydra.sweeper.max_failure_rate=0.5"], work, "optuna")
     study = optuna.load_study(study_name=f"distribution_r{RATIO}", storage=storage)

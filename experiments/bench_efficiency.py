@@ -25,12 +25,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from prune_lab.adapter import decoder_linear_params, layer_shapes, layer_views  # noqa: E402
+from prune_lab.core.adapter import decoder_linear_params, layer_shapes, layer_views  # noqa: E402
 from prune_lab.allocator import Global, UniformShape, align_plan  # noqa: E402
 from prune_lab.eval.efficiency import efficiency  # noqa: E402
 from prune_lab.importance import Magnitude  # noqa: E402
 from prune_lab.model import EmbeddedModel  # noqa: E402
-from prune_lab.prune import apply_plan  # noqa: E402
+from prune_lab.core.executor import apply_plan  # noqa: E402
 
 SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000),     # TinyLlama-1.1B

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench_lean_grad import SHAPES  # noqa: E402
 
-from prune_lab import gradients  # noqa: E402
+from prune_lab.importance import gradients  # noqa: E402
 
 
 def layer(shape: dict, dtype: torch.dtype):

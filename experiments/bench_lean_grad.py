@@ -29,10 +29,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from prune_lab import gradients  # noqa: E402
-from prune_lab.adapter import layer_views  # noqa: E402
+from prune_lab.importance import gradients  # noqa: E402
+from prune_lab.core.adapter import layer_views  # noqa: E402
 from prune_lab.importance import Taylor  # noqa: E402
-from prune_lab.scores import add_into, reduce_to_units  # noqa: E402
+from prune_lab.importance.units import add_into, reduce_to_units  # noqa: E402
 
 SHAPES = {
     "mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -105,11 +105,10 @@ def before(model, batches, phases):
                     grad_sum[p] += p.grad.float()
             with phase(phases, "(θ·g)² per unit"):
                 fisher = add_into(fisher, reduce_to_units(
-                    views, lambda lin, n: (getattr(lin, n).float() * getattr(lin, n).grad.float()) ** 2))
+                    views, lambda term: (term.param.float() * term.param.grad.float()) ** 2))
         model.zero_grad(set_to_none=True)
     with torch.no_grad(), phase(phases, "final |θ·ḡ| per unit"):
-        reduce_to_units(views, lambda lin, n: (getattr(lin, n).float() * grad_sum[getattr(lin, n)]
-                                               / len(batches)).abs())
+        reduce_to_units(views, lambda term: (term.param.float() * grad_sum[term.param] / len(batches)).abs())
 
 
 class phase:

@@ -133,11 +133,11 @@ def qwen2(work: Path) -> None:
 def scale(work: Path, layers: int) -> None:
     """Peak RSS of a reconstruct engine pass on a ~1B-parameter random Llama shape (CPU, fp32)."""
     import torch
-    from prune_lab.adapter import layer_views
+    from prune_lab.core.adapter import layer_views
     from prune_lab.engine import walk
     from prune_lab.model import RandomModel
-    from prune_lab.plan import PruningPlan
-    from prune_lab.reconstruct import PlanRefit
+    from prune_lab.core.plan import PruningPlan
+    from prune_lab.reconstruct.base import PlanRefit
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))   # 1 thread on the shared CPU
     shape = dict(arch="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                  intermediate_size=8192, num_hidden_layers=layers, vocab_size=32000)

@@ -17,11 +17,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prune_lab.adapter import decoder_linear_params, layer_views  # noqa: E402
+from prune_lab.core.adapter import decoder_linear_params, layer_views  # noqa: E402
 from prune_lab.allocator import Global  # noqa: E402
 from prune_lab.eval.efficiency import measure  # noqa: E402
 from prune_lab.importance import Taylor, Wanda  # noqa: E402
-from prune_lab.prune import apply_plan  # noqa: E402
+from prune_lab.core.executor import apply_plan  # noqa: E402
 
 SHAPES = {  # Llama-3-8B / Qwen2.5-7B as in their hub configs
     "llama3_8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

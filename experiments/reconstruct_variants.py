@@ -11,12 +11,12 @@ from prune_lab.model import EmbeddedModel
 from prune_lab.data import WikiVital, Calibration, TokenStreams
 from prune_lab.importance import Taylor
 from prune_lab.allocator import Global, Uniform
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
 from prune_lab.reconstruct import Reconstruct, summarize
 from prune_lab.engine import Engine
-from prune_lab.prune import apply_plan
+from prune_lab.core.executor import apply_plan
 from prune_lab.eval.ppl import perplexity
-from prune_lab.scores import UnitScores
+from prune_lab.artifacts.scores import load_scores, save_scores
 from prune_lab.importance import ObsError
 
 torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("THREADS", "1")))
@@ -27,9 +27,9 @@ test = streams(ds, "test")
 def get_scores(imp):
     os.makedirs("/tmp/eng", exist_ok=True)
     p = f"/tmp/eng/{imp}_scores.safetensors"
-    if os.path.exists(p): return UnitScores.load(p)
+    if os.path.exists(p): return load_scores(p)
     crit = Taylor() if imp == "taylor" else ObsError(weighted=imp == "obs")
-    s = crit(model, batches); s.save(p); return s
+    s = crit(model, batches); save_scores(p, s); return s
 views = layer_views(model)
 variants = [v.split(":") for v in sys.argv[1:]]   # alloc:ratio:mode:propagate:damp:fit_bias
 for imp, alloc, ratio, mode, prop, damp, fb in variants:

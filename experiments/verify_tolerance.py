@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import ARCHS, tiny_model  # noqa: E402
 from prune_lab.model import EmbeddedModel  # noqa: E402
-from prune_lab.plan import PruningPlan  # noqa: E402
-from prune_lab.prune import apply_plan  # noqa: E402
-from prune_lab.verify import verify_pruning  # noqa: E402
+from prune_lab.core.plan import PruningPlan  # noqa: E402
+from prune_lab.core.executor import apply_plan  # noqa: E402
+from prune_lab.core.verify import verify_pruning  # noqa: E402
 
 
 def rows(model, name: str):

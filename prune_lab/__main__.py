@@ -16,12 +16,12 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from . import schema  # noqa: E402
+from .artifacts.rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
+from .artifacts.rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
 from .errors import BudgetError, PruneLabError  # noqa: E402
-from .pipeline import run  # noqa: E402
-from .rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
-from .rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
-from .study import Outcome, PlanMemo, in_study, job_outcome  # noqa: E402
-from .sweep import n_objectives, objective_values, register_resolvers  # noqa: E402
+from .recipes import run  # noqa: E402
+from .study.job import Outcome, PlanMemo, in_study, job_outcome  # noqa: E402
+from .study.objective import n_objectives, objective_values, register_resolvers  # noqa: E402
 
 # An absolute directory: the same configs whether started as `python -m prune_lab`, as the console
 # script, from a checkout or from an installed wheel.

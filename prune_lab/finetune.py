@@ -15,8 +15,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_text_atomic
+from .core.adapter import DECODER_LINEARS
 from .errors import PruneLabError
-from .schema import DECODER_LINEARS
 
 
 class NoFinetune:

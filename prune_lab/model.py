@@ -9,18 +9,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .adapter import check_supported
+from .artifacts.checkpoint import load_pruned
+from .core.adapter import check_supported, resolve_device
 from .errors import PruneLabError
 
 ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -166,7 +161,6 @@ class PrunedModel(HFModel):
     """
 
     def load(self):
-        from .checkpoint import load_pruned
         self._check_path()
         model = load_pruned(self.path, dtype=self.dtype, device=self.device,
                             attn_implementation=self.attn_implementation)
@@ -181,6 +175,7 @@ class PrunedModel(HFModel):
         AutoTokenizer would map some model types to their own class whatever the file says (a qwen2
         config loads the lab tokenizer as Qwen2Tokenizer, which splits digits differently)."""
         import json
+
         from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
         file = Path(self.path).expanduser() / "tokenizer_config.json"
         declared = json.loads(file.read_text()) if file.is_file() else {}

@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .artifacts.markdown import format_cell, to_markdown
+from .artifacts.rundir import dead_fields
 from .atomic import write_text_atomic
 from .errors import PruneLabError
-from .markdown import format_cell, to_markdown
-from .rundir import dead_fields
 
 FIRST_COLUMNS = ["run", "status"]
 SUMMARY_METRICS = ["params", "achieved_ratio", "layers_removed", "zeroshot/avg_acc", "time/total"]
@@ -207,7 +207,7 @@ def report(dirs: list[str], out: str | None = None, sort: str | None = None, des
     markdown = f"Common overrides: `{common}`\n\n{markdown}" if common else markdown
     write_text_atomic(out_dir / "report.md", markdown)
     print(markdown, end="")
-    from .sweep_plots import write_sweep_plots
+    from .artifacts.sweep_plots import write_sweep_plots
     for path in write_sweep_plots(ok, out_dir, knobs, ppl_columns(ok), swept, pareto):
         print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {out_dir / 'report.csv'} and report.md ({len(frame)} runs)", file=sys.stderr)

@@ -119,14 +119,37 @@ def left_padded(batch: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, tor
     return batch, mask
 
 
-def run_cli(*overrides: str, run_dir, cache, check: bool = False, cwd=REPO) -> subprocess.CompletedProcess:
-    """`python -m prune_lab` in a subprocess (for what only the CLI does: exit codes, stderr lines)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(cache))
-    proc = subprocess.run([sys.executable, "-m", "prune_lab", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prune_lab", *args]
+
+
+def cli_env(cache=None, studies=None, **extra: str) -> dict:
+    """The environment of a CLI job: offline, with its own score cache and study dir when given."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    if cache is not None:
+        env["PRUNE_LAB_CACHE"] = str(cache)
+    if studies is not None:
+        env["PRUNE_LAB_STUDIES"] = str(studies)
+    return env
+
+
+def run_cli(*args: str, run_dir=None, cache=None, studies=None, cwd=REPO, env=None, check: bool = False,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m prune_lab` in a subprocess (for what only the CLI does: exit codes, stderr lines): the
+    suite's one CLI launcher (start_cli for a process to signal or run beside others)."""
+    if run_dir is not None:
+        args = (*args, f"hydra.run.dir={run_dir}")
+    proc = subprocess.run(cli_command(*args), cwd=cwd, env=env or cli_env(cache, studies), capture_output=True,
+                          text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def start_cli(*args: str, cwd, env, **popen) -> subprocess.Popen:
+    """The CLI as a background process (to kill, to run as parallel workers)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(cli_command(*args), cwd=cwd, env=env, **popen)
 
 
 def tokens(n: int = 2, length: int = 16, vocab: int = 8192, seed: int = 0) -> torch.Tensor:

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
 from conftest import ALL_ARCHS, TINY, tiny_model
-from prune_lab.adapter import SUPPORTED_FAMILIES, decoder_linear_params, layer_shapes, layer_views
+from prune_lab.core.adapter import SUPPORTED_FAMILIES, decoder_linear_params, layer_shapes, layer_views
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
 
 # arch -> (q/k/v carry a bias, has q_norm/k_norm)
 FEATURES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True),

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from conftest import ARCHS, tiny_model
-from prune_lab.adapter import decoder_linear_params, layer_views
+from prune_lab.core.adapter import decoder_linear_params, layer_views
 from prune_lab.allocator import Depth, Global, Layerwise, Uniform, parse_distribution
 from prune_lab.errors import BudgetError, PruneLabError
 from prune_lab.importance import Magnitude, Random
-from prune_lab.layer_table import layer_table
+from prune_lab.artifacts.layer_table import layer_table
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
-from prune_lab.scores import UnitScores
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
+from prune_lab.core.scores import UnitScores
 
 LAYER_IMPORTANCE = torch.tensor([5.0, 1.0, 3.0, 0.5, 4.0, 2.0])   # layer 3 least, layer 0 most important
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import text_job, tiny_model, write_small_corpus
-from prune_lab import cache
-from prune_lab.cache import ScoreCache, model_fingerprint, tokens_fingerprint
-from prune_lab.pipeline import run
+from prune_lab.cache import scores as cache
+from prune_lab.cache.scores import ScoreCache, model_fingerprint, tokens_fingerprint
+from prune_lab.recipes import run
 
 
 @pytest.fixture

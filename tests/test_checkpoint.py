@@ -10,13 +10,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ALL_ARCHS, compose_job, tiny_model, tiny_overrides, tokens
 from prune_lab import load_pruned
-from prune_lab.adapter import decoder_layers, layer_shapes
-from prune_lab.checkpoint import save_pruned
+from prune_lab.core.adapter import decoder_layers, layer_shapes
+from prune_lab.artifacts.checkpoint import save_pruned
 from prune_lab.errors import CheckpointError, PruneLabError
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.pipeline import run
-from prune_lab.prune import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.recipes import run
+from prune_lab.core.executor import apply_plan
 
 MIXED = PruningPlan(attn={0: [1]}, mlp={2: [1, 5, 7], 3: list(range(20))}, layers=[1])
 UNIFORM = PruningPlan(attn={i: [0] for i in range(3)}, mlp={i: list(range(10)) for i in range(3)})

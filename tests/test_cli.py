@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 import conftest
 from conftest import REPO, compose_job, tiny_overrides
 from prune_lab.errors import PruneLabError
-from prune_lab.pipeline import run
+from prune_lab.recipes import run
 
 
 def run_cli(*overrides: str, tmp_path, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,7 +65,7 @@ def test_help_lists_groups_options_and_examples_through_the_console_script(tmp_p
               and not line.lstrip().startswith("prune-lab")]
     assert groups[:5] == ["model", "data", "importance", "layer_importance", "allocator"]
     assert {"finetune", "eval"} <= set(groups)
-    assert groups[-1] == "experiment" and "hydra" not in groups
+    assert groups[-2:] == ["experiment", "hparams_search"] and "hydra" not in groups
     assert sum(line.lstrip().startswith("prune-lab ") for line in text.splitlines()) == 2
 
 

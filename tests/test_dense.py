@@ -5,7 +5,7 @@ import torch
 
 from conftest import write_small_corpus
 from prune_lab.data import LocalText
-from prune_lab.dense import ContentTokenStreams, DenseModels
+from prune_lab.cache.dense import ContentTokenStreams, DenseModels
 from prune_lab.model import RandomModel
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ALL_ARCHS, left_padded, lively, tiny_model, tokens
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
 from prune_lab.engine import InputStats, walk
 from prune_lab.errors import PruneLabError
 

@@ -14,12 +14,12 @@ from conftest import compose_job, tiny_model
 from prune_lab.data import LocalText, TokenStreams, WikiVital
 from prune_lab.errors import DataUnavailable, PruneLabError
 from prune_lab.eval import Evaluator
-from prune_lab.checkpoint import unique_state_dict
+from prune_lab.artifacts.checkpoint import unique_state_dict
 from prune_lab.eval.efficiency import efficiency, safetensors_bytes
 from prune_lab.eval.ppl import perplexity
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY, lively, run_cli, tiny_overrides, tokens
 from prune_lab.errors import PruneLabError
-from prune_lab.export import export_hf
+from prune_lab.artifacts.export import export_hf
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
 
 # More KV groups than the conftest shapes, so that removing one leaves a head count that does not
 # divide hidden_size (6 of 8 on hidden 64; 12 of 14 on qwen2's 112): the case LlamaConfig refuses.

@@ -8,14 +8,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
 from conftest import compose_job, tiny_model, tokens
-from prune_lab.adapter import layer_shapes
+from prune_lab.core.adapter import layer_shapes
 from prune_lab.data import WikiVital
 from prune_lab.errors import PruneLabError
 from prune_lab.finetune import Full, LoRA, WindowSampler
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
-from prune_lab.schema import DECODER_LINEARS
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
+from prune_lab.core.adapter import DECODER_LINEARS
 
 PLAN = PruningPlan(attn={0: [1]}, mlp={1: list(range(12)), 2: [0, 1, 2]})
 SMALL = dict(batch_size=4, seq_len=32, warmup_steps=2)
@@ -153,7 +153,7 @@ def test_configs_compose_and_sweep_over_lora_rank():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_lora_and_reload_on_cuda(stream, tmp_path):
-    from prune_lab.checkpoint import load_pruned, save_pruned
+    from prune_lab.artifacts.checkpoint import load_pruned, save_pruned
     model = pruned_tiny().to("cuda")
     LoRA(lr=1e-2, max_steps=5, target_modules=DECODER_LINEARS, **SMALL)(model, None, stream, seed=0)
     assert model.device.type == "cuda"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import lively, tiny_model, tokens
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
+from prune_lab.artifacts.scores import load_scores, save_scores
 from prune_lab.importance import Magnitude, Random, Taylor, Wanda
 
 BATCHES = [tokens(2, 12, seed=s) for s in (1, 2, 3)]
@@ -132,7 +133,7 @@ def test_random_is_deterministic_per_seed():
 
 def test_unit_scores_round_trip_through_safetensors(tmp_path):
     scores = Random()(tiny_model("qwen3", layers=2), seed=1)
-    scores.save(tmp_path / "scores.safetensors")
-    loaded = type(scores).load(tmp_path / "scores.safetensors")
+    save_scores(tmp_path / "scores.safetensors", scores)
+    loaded = load_scores(tmp_path / "scores.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(scores.attn + scores.mlp, loaded.attn + loaded.mlp))
     assert len(loaded.attn) == len(loaded.mlp) == 2

@@ -54,7 +54,7 @@ def test_wheel_runs_from_any_directory(venv, tmp_path):
     assert where.startswith(str(venv)), where                      # the wheel, not the checkout
 
     assert "layer_importance  activation*" in in_venv(venv, str(script), "--help", cwd=tmp_path).stdout
-    job = in_venv(venv, str(python), "-m", "prune_lab", "experiment=optuna_distribution", "--cfg", "job",
+    job = in_venv(venv, str(python), "-m", "prune_lab", "hparams_search=optuna_distribution", "--cfg", "job",
                   cwd=tmp_path).stdout
     assert "prune_lab.allocator.Layerwise" in job and "attn_mlp" in job
 

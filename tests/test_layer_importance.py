@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from conftest import lively, tiny_model, tokens
 from prune_lab.eval.ppl import nll_sum
-from prune_lab.layer_importance import Activation, Removal, bypassed
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import zero_units
+from prune_lab.layer_importance import Activation, Removal
+from prune_lab.layer_importance.base import bypassed
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import zero_units
 
 BATCHES = [tokens(2, 16, seed=s) for s in (4, 5)]
 

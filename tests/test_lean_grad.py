@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import ALL_ARCHS, compose_job, lively, tiny_model, tokens
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
 from prune_lab.allocator import Global
-from prune_lab import gradients
-from prune_lab.gradients import GradientStatistics
+from prune_lab.importance import gradients
+from prune_lab.importance.gradients import GradientStatistics
 from prune_lab.importance import Taylor
-from prune_lab.pipeline import build
+from prune_lab.recipes.common import build
 
 BATCHES = [tokens(2, 12, seed=s) for s in (1, 2, 3)]
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from conftest import ALL_ARCHS, LAB_MODEL, tiny_model
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
 from prune_lab.model import EmbeddedModel, HFModel
 

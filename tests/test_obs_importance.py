@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import lively, tiny_model, tokens
-from prune_lab import refit
-from prune_lab.adapter import layer_views
+from prune_lab.reconstruct import refit
+from prune_lab.core.adapter import layer_views
 from prune_lab.importance import ObsError
-from prune_lab.obs_importance import output_sensitivity
+from prune_lab.importance.obs import output_sensitivity
 from test_reconstruct import brute_force_obs, hooked
 
 

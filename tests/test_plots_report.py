@@ -2,29 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_cli, tiny_overrides
 from prune_lab.data import WikiVital
-from prune_lab.plots import value_scale
-from prune_lab.sweep_plots import pareto_labels, pareto_mask
+from prune_lab.artifacts.plots import value_scale
+from prune_lab.artifacts.sweep_plots import pareto_labels, pareto_mask
 from prune_lab.report import main as report_main
-from prune_lab.markdown import to_markdown
+from prune_lab.artifacts.markdown import to_markdown
 
 PLOTS = ("kept_units.png", "score_histogram.png", "layer_importance.png")
 
 
 def cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "prune_lab", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_cli(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

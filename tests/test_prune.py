@@ -7,17 +7,27 @@ import pytest
 import torch
 
 from conftest import ALL_ARCHS, TINY, left_padded, lively, tiny_model, tokens
-from prune_lab.adapter import decoder_layers, decoder_linear_params, layer_views
+from prune_lab.core.adapter import decoder_layers, decoder_linear_params, layer_views
 from prune_lab.allocator import Global
 from prune_lab.model import RandomModel
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan, max_logit_difference, zero_units
-from prune_lab.scores import UnitScores
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan, zero_units
+from prune_lab.core.scores import UnitScores
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
 # Units of a 3-layer tiny model: a group in layers 0 and 2, channels in 0 and 2, layer 1 removed whole.
 MIXED_PLAN = dict(attn={0: [1], 2: [0]}, mlp={0: [0, 5, 17], 2: list(range(0, 48, 3))}, layers=[1])
 WIDTH_ONLY_PLAN = dict(attn={1: [0]}, mlp={0: [3, 4], 1: list(range(20)), 2: [47]})
+
+
+@torch.no_grad()
+def max_logit_difference(pruned, dense, plan, batch) -> float:
+    """Max |logit difference| between the pruned model and the dense one with the units zeroed
+    (zeroes `dense` in place: pass a copy)."""
+    reference = zero_units(dense, plan)
+    a = pruned(batch.to(pruned.device)).logits.float()
+    b = reference(batch.to(reference.device)).logits.float()
+    return (a - b).abs().max().item()
 
 
 def pair(arch, plan_kwargs, impl="sdpa"):

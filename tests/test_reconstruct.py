@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import lively, tiny_model, tiny_overrides, tokens
-from prune_lab import refit
-from prune_lab.adapter import layer_views
-from prune_lab.checkpoint import save_pruned
+from prune_lab.reconstruct import refit
+from prune_lab.core.adapter import layer_views
+from prune_lab.artifacts.checkpoint import save_pruned
 from prune_lab.engine import Engine
 from prune_lab.errors import PruneLabError
 from prune_lab.importance import Flap
-from prune_lab.plan import PruningPlan
-from prune_lab.prune import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.core.executor import apply_plan
 from prune_lab.reconstruct import Reconstruct
 from test_cli import error_lines, metrics, run_cli
 

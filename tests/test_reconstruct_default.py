@@ -8,8 +8,8 @@ import pytest
 
 from conftest import compose_job, text_job
 from prune_lab.errors import PruneLabError
-from prune_lab.pipeline import run
-from prune_lab.plan import PruningPlan
+from prune_lab.recipes import run
+from prune_lab.core.plan import PruningPlan
 
 
 def metrics(run_dir) -> dict:
@@ -33,7 +33,7 @@ def test_the_default_job_refits_with_obs(tmp_path):
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_unstructured_methods_select_no_reconstruction_and_refuse_an_explicit_one(method, tmp_path):
     assert compose_job(f"method={method}").reconstruct.mode == "none"
-    assert compose_job("experiment=optuna_mixed").reconstruct.mode == "none"
+    assert compose_job("hparams_search=optuna_mixed").reconstruct.mode == "none"
     with pytest.raises(PruneLabError, match="refits structured plans"):     # before loading anything
         run(text_job(tmp_path, f"method={method}", "reconstruct=obs"), tmp_path / "run")
     m = metrics(tmp_path / "run")

@@ -5,19 +5,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_job, tiny_overrides, write_small_corpus
-from prune_lab import record as record_module
+from conftest import REPO, cli_env, compose_job, start_cli, tiny_overrides, write_small_corpus
+from prune_lab.artifacts import record as record_module
 from prune_lab.atomic import atomic_path
 from prune_lab.errors import PruneLabError
-from prune_lab.pipeline import run
+from prune_lab.recipes import run
 from prune_lab.report import gather
-from prune_lab.rundir import RunLock, this_process
+from prune_lab.artifacts.rundir import RunLock, this_process
 
 FROZEN_CLOCK = '''
 import datetime
@@ -39,9 +38,7 @@ def launch(cwd: Path, *overrides: str, frozen: bool = False) -> subprocess.Popen
         (cwd / "clock").mkdir(exist_ok=True)
         (cwd / "clock" / "sitecustomize.py").write_text(FROZEN_CLOCK)
         paths.insert(0, str(cwd / "clock"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "prune_lab", *overrides], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli(*overrides, cwd=cwd, env=cli_env(PYTHONPATH=os.pathsep.join(paths)))
 
 
 def small_job(tmp_path) -> list[str]:
@@ -163,7 +160,7 @@ def visible_and_temp(run_dir: Path) -> tuple[set, list]:
 
 
 def test_no_half_written_model_dir_after_a_full_disk(tmp_path, monkeypatch):
-    from prune_lab import checkpoint
+    from prune_lab.artifacts import checkpoint
     monkeypatch.setattr(checkpoint, "save_file", half_then_full)
     cfg = compose_job(*small_job(tmp_path), "output.save_model=true")
     with pytest.raises(OSError):
@@ -177,8 +174,8 @@ def test_no_half_written_tables_or_plots_after_a_full_disk(tmp_path, monkeypatch
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from prune_lab.plan import PruningPlan
-    from prune_lab.plots import save
+    from prune_lab.core.plan import PruningPlan
+    from prune_lab.artifacts.plots import save
     monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, *a, **k: half_then_full(self, *a, **k))
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: half_then_full(self, *a, **k))
     with pytest.raises(OSError):
@@ -196,7 +193,7 @@ def test_a_claimed_sweep_dir_travels_with_the_pickled_config(tmp_path, monkeypat
 
     from omegaconf import OmegaConf
 
-    from prune_lab import rundir
+    from prune_lab.artifacts import rundir
     rundir.register_resolvers()
     monkeypatch.setattr(rundir, "_CLAIMED", {})
     cfg = OmegaConf.create({"dir": f"${{unique_dir:{tmp_path}/sweep}}"})

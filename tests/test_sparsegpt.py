@@ -5,9 +5,16 @@ import pytest
 import torch
 
 from prune_lab.errors import PruneLabError
-from prune_lab.quant import (RowQuantizer, allocate_bits, channel_dimensions, channel_scores,
-                             check_allocation, quantize)
-from prune_lab.sparsegpt import (SparsitySpec, baseline_mask, obs_sweep, reconstruction_error)
+from prune_lab.quant.grid import RowQuantizer, quantize
+from prune_lab.quant.allocation import allocate_bits, channel_dimensions, channel_scores, check_allocation
+from prune_lab.method.masks import SparsitySpec, baseline_mask
+from prune_lab.method.sweep import obs_sweep
+
+
+def reconstruction_error(w_new, w_ref, hessian) -> float:
+    """‖(W_ref − W_new)·X‖²_F = tr(ΔW·H·ΔWᵀ)/2 with H = 2·X·Xᵀ (the layer-wise objective)."""
+    delta = (w_ref.double() - w_new.double())
+    return float(((delta @ hessian.double()) * delta).sum() / 2)
 
 
 def layer_problem(rows=16, cols=32, tokens=400, seed=0, dtype=torch.float64):
@@ -235,7 +242,7 @@ def test_budget_with_measured_errors_is_near_the_lagrangian_lower_bound():
 def two_streams(rows=24, cols=32, tokens=600, seed=1):
     """Dense-path inputs X and pruned-path inputs X~ = X·(I + E) + noise (the drift of an earlier
     pruned layer), as the engine's statistics: gram X~X~ᵀ, cross XX~ᵀ, dense_gram XXᵀ."""
-    from prune_lab.stats import InputStats
+    from prune_lab.engine.stats import InputStats
     w, _, x = layer_problem(rows=rows, cols=cols, tokens=tokens, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     xt = x @ (torch.eye(cols, dtype=x.dtype) + 0.15 * torch.randn(cols, cols, generator=g, dtype=x.dtype)) \
@@ -251,9 +258,9 @@ def asym_err(w, w_new, x, xt, drift=None):
 
 
 def test_asymmetric_target_is_the_identity_on_one_stream():
-    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    from prune_lab.method.sweep import asymmetric_target, inverse_hessian_factor
     w, _, x = layer_problem()
-    from prune_lab.stats import InputStats
+    from prune_lab.engine.stats import InputStats
     gram = x.T @ x
     stats = InputStats(x.sum(0), (x ** 2).sum(0), x.abs().sum(0), len(x), gram=gram, cross=gram, dense_gram=gram)
     w0 = asymmetric_target(w, stats, inverse_hessian_factor(2 * gram / len(x), 0.01))
@@ -262,7 +269,7 @@ def test_asymmetric_target_is_the_identity_on_one_stream():
 
 def test_asymmetric_target_is_the_ridge_least_squares_solution():
     """W0 = argmin ‖W·X − W0·X~‖² + μ‖W0 − W‖², μ = (n/2)·damp·mean diag(H), from a direct lstsq."""
-    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    from prune_lab.method.sweep import asymmetric_target, inverse_hessian_factor
     w, x, xt, stats = two_streams()
     n, damp = len(x), 0.01
     h = 2 * stats.gram / n
@@ -285,7 +292,7 @@ def test_asymmetric_target_is_the_ridge_least_squares_solution():
     (SparsitySpec(sparsity=0.5), RowQuantizer(torch.full((24,), 4), group_size=16)),
 ])
 def test_asymmetric_sweep_fits_the_dense_outputs_better(spec, quant):
-    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    from prune_lab.method.sweep import asymmetric_target, inverse_hessian_factor
     w, x, xt, stats = two_streams()
     h = 2 * stats.gram / len(x)
     sym, mask_s, _ = obs_sweep(w, h, spec, blocksize=8, damp=0.01, quantizer=quant)
@@ -298,7 +305,7 @@ def test_asymmetric_sweep_fits_the_dense_outputs_better(spec, quant):
 def test_asymmetric_target_absorbs_the_residual_drift():
     """With R = Σ (h − h~)·x~ᵀ the target is W·X + (h − h~): the output also repairs the residual stream."""
     from dataclasses import replace
-    from prune_lab.sparsegpt import asymmetric_target, inverse_hessian_factor
+    from prune_lab.method.sweep import asymmetric_target, inverse_hessian_factor
     w, x, xt, stats = two_streams()
     drift = torch.randn(len(x), w.shape[0], generator=torch.Generator().manual_seed(5), dtype=x.dtype) \
         + xt @ torch.randn(w.shape[1], w.shape[0], dtype=x.dtype) * 0.1      # partly explained by x~

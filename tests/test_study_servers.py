@@ -18,7 +18,8 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from test_sweeps import cli, cli_command, cli_env, job_args  # noqa: F401  (job_args is a fixture)
+from conftest import start_cli
+from test_sweeps import cli, job_args, job_env  # noqa: F401  (job_args is a fixture)
 
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                            optuna.trial.TrialState.FAIL)
@@ -49,7 +50,7 @@ def test_a_journal_file_study_is_listed_by_optuna_dashboard_over_http(tmp_path, 
     if not dashboard.exists():
         pytest.skip(f"no optuna-dashboard command beside {sys.executable}")
     log = tmp_path / "shared-fs" / "study.log"
-    cli(tmp_path, "-m", "experiment=optuna_distribution", "hydra.sweeper.study_name=dash",
+    cli(tmp_path, "-m", "hparams_search=optuna_distribution", "hydra.sweeper.study_name=dash",
         f"hydra.sweeper.storage=journal:///{log}", *job_args, "search.attn_share=choice(1,5)",
         "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/dash")
     study = optuna.load_study(study_name="dash", storage=optuna.storages.JournalStorage(
@@ -132,14 +133,13 @@ def postgres():
 
 def test_three_workers_share_a_postgres_study_and_a_killed_one_leaves_it_resumable(tmp_path, job_args,  # noqa: F811
                                                                                    postgres):
-    base = ["-m", "experiment=optuna_distribution", "hydra.sweeper.study_name=pg",
+    base = ["-m", "hparams_search=optuna_distribution", "hydra.sweeper.study_name=pg",
             f"hydra.sweeper.storage='{postgres}'", *job_args, "hydra.sweeper.heartbeat_interval=2"]
 
     def worker(seed: int, n: int) -> subprocess.Popen:
-        return subprocess.Popen(cli_command(*base, f"hydra.sweeper.sampler.seed={seed}", f"hydra.sweeper.n_trials={n}",
-                                            f"hydra.sweep.dir={tmp_path}/w{seed}"),
-                                cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return start_cli(*base, f"hydra.sweeper.sampler.seed={seed}", f"hydra.sweeper.n_trials={n}",
+                         f"hydra.sweep.dir={tmp_path}/w{seed}", cwd=tmp_path, env=job_env(tmp_path),
+                         stdout=subprocess.DEVNULL, start_new_session=True)
 
     storage = optuna.storages.RDBStorage(postgres)    # one connection pool for all the polling below
 

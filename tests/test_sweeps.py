@@ -16,13 +16,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, tiny_overrides, write_small_corpus
+from conftest import CONF, cli_env, run_cli, start_cli, tiny_overrides, write_small_corpus
 from prune_lab.errors import PruneLabError
-from prune_lab.study import Outcome
-from prune_lab.study_storage import (check_same_job, derived_seed, normalise_url, open_storage, redact, worker_alive,
-                                     worker_id)
-from prune_lab.study_sweeper import unpack
-from prune_lab.sweep import attn_mlp, register_resolvers
+from prune_lab.study.job import Outcome
+from prune_lab.study.storage import check_same_job, derived_seed, normalise_url, open_storage, redact, worker_alive, worker_id
+from prune_lab.study.sweeper import unpack
+from prune_lab.study.objective import attn_mlp, register_resolvers
 
 ABLATIONS = {"ablate_layer_importance": ("layer_importance", "activation,removal"),
              "ablate_strategy": ("allocator.strategy", "inverse,proportional,uniform,inverse_minmax"),
@@ -39,24 +38,20 @@ def job_args(tmp_path):
             f"data.test={tmp_path}/test.txt"]
 
 
-def cli_command(*args) -> list[str]:
-    return [sys.executable, "-m", "prune_lab", *args]
-
-
-def cli_env(tmp_path) -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PRUNE_LAB_CACHE=str(tmp_path / "cache"),
-                PRUNE_LAB_STUDIES=str(tmp_path / "studies"))
+def job_env(tmp_path) -> dict:
+    """The score cache and the default study dir under tmp_path."""
+    return cli_env(tmp_path / "cache", tmp_path / "studies")
 
 
 def cli(tmp_path, *args, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run(cli_command(*args), cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    """A job in tmp_path with its score cache and study dir there."""
+    out = run_cli(*args, cwd=tmp_path, env=job_env(tmp_path), timeout=300)
     assert out.returncode == expect_rc, out.stderr[-3000:]
     return out
 
 
 def study_args(tmp_path, preset: str, name: str = "t") -> list[str]:
-    return ["-m", f"experiment={preset}", f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db",
+    return ["-m", f"hparams_search={preset}", f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db",
             f"hydra.sweeper.study_name={name}"]
 
 
@@ -94,23 +89,23 @@ def test_ablation_overlays_set_their_sweep(name):
 
 def test_optuna_presets_compose(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNE_LAB_STUDIES", str(tmp_path / "studies"))
-    dist = compose_with_hydra("experiment=optuna_distribution")
+    dist = compose_with_hydra("hparams_search=optuna_distribution")
     assert dist.allocator.distribution == "3:7" and dist.objective.name == "ppl"
     assert dist.hydra.sweeper.params["search.attn_share"] == "interval(0.0, 10.0)"
-    assert dist.hydra.sweeper._target_ == "prune_lab.study_plugin.PruneLabOptunaSweeper"
+    assert dist.hydra.sweeper._target_ == "prune_lab.study.plugin.PruneLabOptunaSweeper"
     # the study's storage does not depend on the current directory
     assert dist.hydra.sweeper.storage == f"sqlite:///{tmp_path}/studies/distribution_r0.25.db"
     assert dist.hydra.sweeper.n_jobs == 1 and dist.output.plots is False
     assert dist.hydra.sweeper.constraints and dist.hydra.sweeper.reuse_plans
     monkeypatch.delenv("PRUNE_LAB_STUDIES")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert compose_with_hydra("experiment=optuna_distribution").hydra.sweeper.storage == \
+    assert compose_with_hydra("hparams_search=optuna_distribution").hydra.sweeper.storage == \
         f"sqlite:///{tmp_path}/.local/share/prune_lab/studies/distribution_r0.25.db"
-    joint = compose_with_hydra("experiment=optuna_joint", "search.attn_share=2")
+    joint = compose_with_hydra("hparams_search=optuna_joint", "search.attn_share=2")
     assert joint.allocator.distribution == "2:8"
     assert set(joint.hydra.sweeper.params) == {"search.attn_share", "allocator.alpha", "allocator.strategy",
                                                "allocator.freeze_top_n", "importance"}
-    pareto = compose_with_hydra("experiment=optuna_pareto")
+    pareto = compose_with_hydra("hparams_search=optuna_pareto")
     assert pareto.objective.name == "ppl_params" and len(pareto.hydra.sweeper.direction) == 2
     assert isinstance(instantiate(pareto.hydra.sweeper.sampler), optuna.samplers.NSGAIISampler)
 
@@ -122,7 +117,7 @@ def test_a_study_refuses_mismatched_directions_and_unreachable_storage_in_one_li
         "prune_lab: error: objective=ppl_params returns 2 value(s) but hydra.sweeper.direction has 1"
     assert not (tmp_path / "study.db").exists()
     # nothing listens on port 9 of localhost: refused at once, one line, exit 2
-    out = cli(tmp_path, "-m", "experiment=optuna_distribution", *job_args,
+    out = cli(tmp_path, "-m", "hparams_search=optuna_distribution", *job_args,
               "hydra.sweeper.storage=postgresql://prune:secret@127.0.0.1:9/studies", expect_rc=2)
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("prune_lab: error: cannot open study storage postgresql://prune:***@127.0.0.1:9/studies")
@@ -204,9 +199,9 @@ def wait_for_completed(tmp_path, n: int, worker: subprocess.Popen, timeout: floa
 
 def test_optuna_study_resumes_after_a_kill_and_takes_parallel_workers(tmp_path, job_args):
     base = [*study_args(tmp_path, "optuna_distribution"), *job_args]
-    worker = subprocess.Popen(cli_command(*base, "hydra.sweeper.n_trials=50", f"hydra.sweep.dir={tmp_path}/killed"),
-                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = start_cli(*base, "hydra.sweeper.n_trials=50", f"hydra.sweep.dir={tmp_path}/killed",
+                       cwd=tmp_path, env=job_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
     wait_for_completed(tmp_path, 2, worker)
     time.sleep(0.3)                                # into the next trial
     os.killpg(worker.pid, signal.SIGKILL)
@@ -220,10 +215,9 @@ def test_optuna_study_resumes_after_a_kill_and_takes_parallel_workers(tmp_path, 
     assert len(running) <= 1
 
     # Resume with two parallel workers on the same storage, each with its own sampler seed.
-    workers = [subprocess.Popen(cli_command(*base, "hydra.sweeper.n_trials=2", f"hydra.sweeper.sampler.seed={s}",
-                                            f"hydra.sweep.dir={tmp_path}/worker{s}"),
-                                cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    workers = [start_cli(*base, "hydra.sweeper.n_trials=2", f"hydra.sweeper.sampler.seed={s}",
+                         f"hydra.sweep.dir={tmp_path}/worker{s}", cwd=tmp_path, env=job_env(tmp_path),
+                         stdout=subprocess.DEVNULL) for s in (1, 2)]
     for w in workers:
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err[-3000:]
@@ -245,12 +239,11 @@ def test_optuna_study_resumes_after_a_kill_and_takes_parallel_workers(tmp_path, 
 def test_rerunning_the_same_command_from_another_directory_resumes_with_new_points(tmp_path, job_args):
     """Same command, same sampler seed, other cwd: one study (storage from PRUNE_LAB_STUDIES, not the
     cwd), and the second invocation proposes new points instead of replaying the first ones."""
-    args = ["-m", "experiment=optuna_distribution", "hydra.sweeper.study_name=again", *job_args,
+    args = ["-m", "hparams_search=optuna_distribution", "hydra.sweeper.study_name=again", *job_args,
             "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=2"]
     for cwd in ("a", "b"):
         (tmp_path / cwd).mkdir()
-        out = subprocess.run(cli_command(*args), cwd=tmp_path / cwd, env=cli_env(tmp_path), capture_output=True,
-                             text=True, timeout=300)
+        out = run_cli(*args, cwd=tmp_path / cwd, env=job_env(tmp_path), timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
     study = optuna.load_study(study_name="again", storage=f"sqlite:///{tmp_path}/studies/again.db")
     shares = [t.params["search.attn_share"] for t in study.trials]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import compose_job, tiny_model
-from prune_lab.adapter import layer_views
+from prune_lab.core.adapter import layer_views
 from prune_lab.allocator import Global, Layerwise, Uniform, UniformShape, align_plan
 from prune_lab.errors import PruneLabError
-from prune_lab.pipeline import build
-from prune_lab.scores import UnitScores
+from prune_lab.recipes.common import build
+from prune_lab.core.scores import UnitScores
 
 
 def random_scores(views, seed=0) -> UnitScores:

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, REPO, compose_job, tiny_model, tiny_overrides, tokens, write_small_corpus
+from conftest import ALL_ARCHS, compose_job, run_cli, tiny_model, tiny_overrides, tokens, write_small_corpus
 from prune_lab import load_pruned
-from prune_lab.adapter import layer_views, view_linears
-from prune_lab.compression import load_compression
+from prune_lab.core.adapter import layer_views, view_linears
+from prune_lab.artifacts.compression import load_compression
 from prune_lab.engine import walk
 from prune_lab.errors import PruneLabError
 from prune_lab.method import SparseGPT, Wanda
-from prune_lab.pipeline import run
+from prune_lab.recipes import run
 from prune_lab.quant import Mixed, Uniform
 
 
@@ -165,10 +162,8 @@ def test_bad_input_fails_before_heavy_work(overrides, match, tmp_path):
      "sum, got [0.0, 0.0, 0.0, 0.0, 0.0]"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(overrides, line, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PRUNE_LAB_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "prune_lab", *tiny_overrides("llama"), *overrides,
-                           f"hydra.run.dir={tmp_path}/run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_cli(*tiny_overrides("llama"), *overrides, run_dir=tmp_path / "run", cache=tmp_path / "cache",
+                   timeout=300)
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
     assert lines == [f"prune_lab: error: {line}"]
@@ -188,7 +183,7 @@ def test_mixed_allocation_over_a_stage_of_real_statistics():
 
 def test_optuna_mixed_preset_searches_weights_at_the_bit_budget(tmp_path):
     from test_sweeps import cli, completed, compose_with_hydra, load_study, study_args
-    cfg = compose_with_hydra("experiment=optuna_mixed", "search.w_hessian=0.7")
+    cfg = compose_with_hydra("hparams_search=optuna_mixed", "search.w_hessian=0.7")
     assert list(cfg.quant.weights) == [0.25, 0.7, 0.15, 0.25, 0.10] and cfg.quant.score_power == 1.0
     assert cfg.method._target_ == "prune_lab.method.SparseGPT" and cfg.quant.allocation == "budget"
     grid = compose_with_hydra("experiment=sweep_sparsity_bits")

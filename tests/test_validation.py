@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import compose_job, tiny_model, tiny_overrides, write_small_corpus
-from prune_lab import pipeline
+from prune_lab.recipes import structured as pipeline
 from prune_lab.data import CONF_DATA
 from prune_lab.errors import DataUnavailable, PruneLabError
 from prune_lab.eval import Evaluator
 from prune_lab.eval.ppl import perplexity
 from prune_lab.model import HFModel, PrunedModel, RandomModel
-from prune_lab.pipeline import run
+from prune_lab.recipes import run
 
 
 def small_job(tmp_path, *extra):
@@ -132,7 +132,7 @@ EVIL = "import pathlib\npathlib.Path({marker!r}).mkdir(parents=True, exist_ok=Tr
 
 
 def test_model_pruned_runs_no_checkpoint_code_unless_trusted_for_it(tmp_path):
-    from prune_lab.checkpoint import save_pruned
+    from prune_lab.artifacts.checkpoint import save_pruned
     ckpt = save_pruned(tiny_model("llama", layers=1), RandomModel(device="cpu").load_tokenizer(), tmp_path / "ck")
     ran = tmp_path / "ran"
     for part, base in (("config", "LlamaConfig"), ("modeling", "LlamaForCausalLM"),

@@ -13,7 +13,7 @@ from prune_lab.data import Calibration, LocalText, TokenStreams
 from prune_lab.errors import PruneLabError
 from prune_lab.layer_importance import Activation
 from prune_lab.model import RandomModel
-from prune_lab.pipeline import run
+from prune_lab.recipes import run
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..adapter import LayerView
+from ..core.adapter import LayerView
+from ..core.plan import PruningPlan
+from ..core.scores import UnitScores
 from ..errors import BudgetError, PruneLabError
-from ..plan import PruningPlan
-from ..scores import UnitScores
 from .base import lowest
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..adapter import LayerView
+from ..core.adapter import LayerView
+from ..core.plan import PruningPlan
+from ..core.scores import UnitScores
 from ..errors import BudgetError, PruneLabError
-from ..plan import PruningPlan
-from ..scores import UnitScores
 
 
 def lowest(scores: torch.Tensor, k: int) -> list[int]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.plan import PruningPlan
 from ..errors import PruneLabError
-from ..plan import PruningPlan
 from .base import Allocator
 
 

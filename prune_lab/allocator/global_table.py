@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..plan import PruningPlan
+from ..core.plan import PruningPlan
 from .base import Allocator, take_in_order
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.plan import PruningPlan
 from ..errors import BudgetError, PruneLabError
-from ..plan import PruningPlan
 from .base import Allocator, largest_remainder, lowest, parse_distribution
 
 STRATEGIES = ("inverse", "proportional", "uniform", "inverse_minmax")

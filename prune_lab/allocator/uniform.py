@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import PruningPlan
+from ..core.plan import PruningPlan
 from .base import Allocator, largest_remainder, lowest
 
 

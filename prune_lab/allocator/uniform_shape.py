@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.plan import PruningPlan
 from ..errors import BudgetError, PruneLabError
-from ..plan import PruningPlan
 from .align import check_alignment, group_block
 from .base import Allocator, lowest
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..checkpoint import unique_state_dict
+from ..artifacts.checkpoint import unique_state_dict
 from ..errors import PruneLabError
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",

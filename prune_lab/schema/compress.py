@@ -6,7 +6,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from ..core.adapter import DECODER_LINEARS
+
 
 # ---- method (structured | sparsegpt | wanda | magnitude) and quant (none | uniform | mixed) ---------
 @dataclass

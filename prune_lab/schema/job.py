@@ -9,8 +9,13 @@ from omegaconf import MISSING
 
 from .compress import FinetuneConf, MethodConf, QuantConf
 from .inputs import CalibrationConf, DataConf, ModelConf
-from .pruning import (AllocatorConf, EngineConf, ImportanceConf, LayerImportanceConf,
-                      ReconstructConf)
+from .pruning import (
+    AllocatorConf,
+    EngineConf,
+    ImportanceConf,
+    LayerImportanceConf,
+    ReconstructConf,
+)
 
 
 # ---- eval ----------------------------------------------------------------------------------
@@ -77,9 +82,9 @@ class Objective(Enum):
 
 @dataclass
 class SearchConf:
-    """Values an Optuna preset samples and interpolates into the job (conf/experiment/optuna_*)."""
+    """Values an Optuna preset samples and interpolates into the job (conf/hparams_search/optuna_*)."""
     attn_share: Optional[float] = None      # attention's share of the removed params out of 10
-    w_activation: Optional[float] = None    # experiment=optuna_mixed: the five score weights ...
+    w_activation: Optional[float] = None    # hparams_search=optuna_mixed: the five score weights ...
     w_hessian: Optional[float] = None
     w_weight: Optional[float] = None
     w_output: Optional[float] = None

@@ -1,0 +1,18 @@
+"""The unit-importance lifecycle (twin of conf/importance/*.yaml): a criterion maps (model,
+calibration batches, seed) -> UnitScores, one value per GQA group and MLP channel of every layer.
+Gradient criteria run one forward/backward per batch for all layers at once; accumulators are fp32."""
+from __future__ import annotations
+
+import torch
+
+from ..core.scores import UnitScores
+
+
+class Importance:
+    """Base class. `cacheable`: the pipeline may keep the scores in the score cache."""
+
+    cacheable = True
+    name = "importance"
+
+    def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
+        raise NotImplementedError

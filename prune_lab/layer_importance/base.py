@@ -1,0 +1,63 @@
+"""Layer importance lifecycle (twin of conf/layer_importance/*.yaml): one score per decoder
+layer, higher = more important; plus the layer bypass that removal scoring uses."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from ..core.adapter import decoder_layers
+from ..errors import PruneLabError
+from ..eval.ppl import nll_sum
+
+
+class LayerImportance:
+    """Base: one score per decoder layer, higher = more important.
+
+    n_samples: calibration windows for layer importance (null = calibration.n_samples), so layer
+    and unit importance can use different amounts of data (the original used 50 and 10).
+    `cacheable`: the pipeline may keep the scores in the score cache.
+    """
+
+    cacheable = True
+    name = "layer_importance"
+
+    def __init__(self, n_samples: int | None = None):
+        if n_samples is not None and n_samples < 1:
+            raise PruneLabError(f"layer_importance.n_samples must be >= 1 or null, got {n_samples}")
+        self.n_samples = n_samples
+
+    def __call__(self, model, batches: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Bypass(nn.Module):
+    """Stands in for a decoder layer: returns its input hidden states unchanged."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def bypassed(model: nn.Module, index: int):
+    layers = decoder_layers(model)
+    original = layers[index]
+    layers[index] = _Bypass(original)
+    try:
+        yield
+    finally:
+        layers[index] = original
+
+
+def calibration_ppl(model, batches) -> float:
+    total = count = 0
+    for b in batches:
+        s, c = nll_sum(model, b)
+        total, count = total + s, count + c
+    return math.exp(total / count)

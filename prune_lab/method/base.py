@@ -1,0 +1,153 @@
+"""The unstructured method family's lifecycle (method=sparsegpt|wanda|magnitude): the engine layer
+method that sparsifies (and, with quant=uniform|mixed, quantizes) every linear of a layer from its
+input statistics, and keeps the masks and bit widths for recovery, statistics and the checkpoint.
+The tensor math is in masks.py (which weights go) and sweep.py (SparseGPT's OBS / GPTQ sweep);
+`asymmetric` > 0 asks the engine for the dense stream too and sweeps sweep.asymmetric_target."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ..core.adapter import LayerView, layer_views, view_linears
+from ..engine import LayerMethod
+from ..engine.hooks import Hooks
+from ..engine.stats import dense_energy, output_error
+from ..errors import PruneLabError
+from ..quant.base import NoQuant
+from ..quant.grid import RowQuantizer, quantize_rtn
+from .masks import SparsitySpec, baseline_mask
+from .sweep import asymmetric_target, inverse_hessian_factor, obs_sweep
+
+TRUE_SEQUENTIAL = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.gate", "mlp.up"), ("mlp.down",))
+
+
+class Unstructured(LayerMethod):
+    """Engine layer method shared by sparsegpt / wanda / magnitude.
+
+    Keeps per linear (layer, path): the keep-mask (when sparse) and the bits per row (when quantized),
+    for recovery with masks kept, statistics and the checkpoint. Records per-linear numbers in the
+    engine's records."""
+
+    family = "unstructured"
+    name = "unstructured"
+    updates_weights = False          # True: OBS update of the remaining weights (SparseGPT)
+
+    def __init__(self, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
+                 damp: float = 0.01, true_sequential: bool = False, asymmetric: float = 0.0,
+                 residual: bool = False):
+        self.spec = SparsitySpec(float(sparsity), int(prune_n), int(prune_m))
+        self.spec.check()
+        if blocksize < 1:
+            raise PruneLabError(f"method.blocksize must be >= 1, got {blocksize}")
+        if not damp > 0:
+            raise PruneLabError(f"method.damp must be > 0 (a fraction of the mean Hessian diagonal), got {damp}")
+        if not 0.0 <= float(asymmetric) <= 1.0:
+            raise PruneLabError(f"method.asymmetric must be in [0, 1] (the fraction of the dense-path "
+                                f"correction; 0 = off), got {asymmetric}")
+        if residual and not asymmetric:
+            raise PruneLabError("method.residual=true absorbs the residual-stream drift into the asymmetric "
+                                "target: it needs method.asymmetric > 0")
+        self.blocksize, self.damp, self.true_sequential = int(blocksize), float(damp), true_sequential
+        self.asymmetric, self.residual = float(asymmetric), bool(residual)
+        self.quant = NoQuant()
+        self.masks: dict[tuple[int, str], Tensor] = {}
+        self.bits: dict[tuple[int, str], Tensor] = {}
+
+    def with_quant(self, quant) -> "Unstructured":
+        self.quant = quant
+        return self
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.updates_weights or self.quant.enabled
+
+    @property
+    def needs_cross(self) -> bool:
+        """Asymmetric calibration: the engine keeps the dense stream too (X next to the pruned-path X~)."""
+        return self.asymmetric > 0 and self.needs_gram
+
+    @property
+    def needs_residual(self) -> bool:
+        return self.needs_cross and self.residual
+
+    def stages(self, view: LayerView) -> list[list[str]]:
+        """All linears of a layer from one calibration pass (as SparseGPT / llm-compressor), or the
+        GPTQ true-sequential order (q/k/v, o, gate/up, down) with true_sequential=true."""
+        paths = list(view_linears(view))
+        if not self.true_sequential:
+            return [paths]
+        return [[p for p in group if p in paths] for group in TRUE_SEQUENTIAL if any(p in paths for p in group)]
+
+    @torch.no_grad()
+    def apply(self, index: int, view: LayerView, stats: dict) -> dict:
+        linears = {p: lin for p, lin in view_linears(view).items() if p in stats}
+        weights = {p: lin.weight.data for p, lin in linears.items()}
+        hessians, factors = {}, {}
+        if self.needs_gram:
+            for p, s in stats.items():
+                if s.count == 0:
+                    raise PruneLabError("the calibration set has no (unpadded) tokens: raise calibration.n_samples")
+                hessians[p] = s.gram * (2.0 / s.count)                           # H = 2·X~·X~ᵀ / n
+                factors[p] = inverse_hessian_factor(hessians[p], self.damp)
+                if self.needs_cross and s.cross is not None:                     # sweep on W0, not W
+                    weights[p] = asymmetric_target(weights[p], s, factors[p], self.asymmetric)
+        hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
+        bits, ranges = self.quant.allocate(weights, stats, hinv_diags)
+        record = {}
+        for p, lin in linears.items():
+            w_old = lin.weight.data
+            new, mask = self.sparsify(weights[p], stats[p], hessians.get(p), factors.get(p), bits.get(p))
+            err = None
+            if hessians.get(p) is not None:     # ‖W·X − W'·X~‖² / ‖W·X‖² (X~ = X on one stream)
+                g, c, d = (t.double() for t in (stats[p].gram, stats[p].cross, stats[p].dense_gram))
+                err = output_error(w_old, new, g, c, d) / max(dense_energy(w_old, d), 1e-30)
+            lin.weight.data.copy_(new)
+            if self.spec.active:
+                self.masks[(index, p)] = mask.cpu()
+            if p in bits:
+                self.bits[(index, p)] = bits[p].cpu()
+            record[p] = {"rows": w_old.shape[0], "cols": w_old.shape[1],
+                         "sparsity": float(1 - mask.float().mean()) if self.spec.active else 0.0,
+                         "zeros": float((new == 0).float().mean()),
+                         "avg_bits": float(bits[p].float().mean()) if p in bits else None,
+                         "importance_min": ranges.get(p, (None, None))[0],
+                         "importance_max": ranges.get(p, (None, None))[1], "rel_error": err}
+        return record
+
+    def sparsify(self, weight, stats, hessian, factor, bits) -> tuple[Tensor, Tensor]:
+        """(new weight, keep-mask) of one linear: the baseline mask, then GPTQ keeping it if quantized."""
+        mask = baseline_mask(weight, self.spec, self.input_norm(stats)) if self.spec.active else None
+        if hessian is None:
+            return weight * mask, mask
+        new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
+                                 quantizer=self.quant.quantizer(bits), fixed_mask=mask, factor=factor,
+                                 act_order=self.quant.act_order)
+        return new, mask
+
+    def input_norm(self, stats) -> Tensor | None:
+        return None
+
+    @contextmanager
+    def kept(self, model):
+        """Recovery that cannot revive pruned weights: gradients of masked weights are zeroed while
+        training (full fine-tuning), and on exit the masks are applied again (LoRA merges a dense delta);
+        a quantized model is put back on its grid (round-to-nearest with each row's bits)."""
+        linears = {(v.index, p): lin for v in layer_views(model) for p, lin in view_linears(v).items()}
+        try:
+            with Hooks() as hooks:
+                for k, m in self.masks.items():
+                    hooks.add(linears[k].weight.register_hook(lambda g, m=m: g * m.to(g.device, g.dtype)))
+                yield
+        finally:
+            with torch.no_grad():
+                linears = {(v.index, p): lin for v in layer_views(model) for p, lin in view_linears(v).items()}
+                for k, lin in linears.items():
+                    w, mask = lin.weight.data, self.masks.get(k)
+                    if mask is not None:
+                        w.mul_(mask.to(w.device, w.dtype))
+                    if k in self.bits:
+                        grid = RowQuantizer(self.bits[k].to(w.device), self.quant.sym, self.quant.group_size)
+                        q = quantize_rtn(w.float(), grid)
+                        w.copy_(q if mask is None else q * mask.to(w.device))

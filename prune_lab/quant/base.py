@@ -1,0 +1,31 @@
+"""The quant group's contract (twin of conf/quant/*.yaml): quant=none is the contract's defaults."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .grid import RowQuantizer
+
+
+class Quantizer:
+    """The contract every quant option keeps (the engine's methods and the compression record read it).
+
+    enabled: the sweep quantizes; act_order: visit columns by decreasing diag(H); sym / group_size:
+    the grid (None when nothing is quantized, recorded as null); bits_options: the bit widths a row
+    may get. allocate(weights, stats, hinv_diags) -> (bits per row of each linear, score range of each
+    linear), over the linears of one engine stage; quantizer(bits) -> the RowQuantizer of one linear."""
+
+    enabled: bool = False
+    act_order: bool = False
+    sym: bool | None = None
+    group_size: int | None = None
+    bits_options: tuple[int, ...] = ()
+
+    def allocate(self, weights: dict, stats: dict, hinv_diags: dict) -> tuple[dict, dict]:
+        return {}, {}
+
+    def quantizer(self, bits: Tensor | None) -> RowQuantizer | None:
+        return None
+
+
+class NoQuant(Quantizer):
+    """quant=none: weights stay in the model's float dtype."""

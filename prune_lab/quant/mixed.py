@@ -1,0 +1,58 @@
+"""quant=mixed: bits per output channel from its activation-aware score (the math: allocation.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .allocation import (
+    allocate_bits,
+    channel_dimensions,
+    channel_scores,
+    check_allocation,
+)
+from .grid import RowQuantizer, quantize_rtn
+from .uniform import Uniform
+
+
+class Mixed(Uniform):
+    """quant=mixed: bits per output channel from its activation-aware score (see allocate_bits).
+
+    The allocation runs over all linears of an engine stage together (their scores are normalised per
+    linear), so `budget` holds per stage and hence for the whole model."""
+
+    def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
+                 allocation: str = "budget", target_avg_bits: float | None = 4.0,
+                 thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
+                 act_order: bool = False, score_power: float = 1.0):
+        check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
+        super().__init__(int(min(bits_options)), sym, group_size, bits_options, act_order)
+        self.weights = torch.tensor([float(w) for w in weights])
+        self.allocation, self.target_avg_bits = allocation, target_avg_bits
+        self.thresholds, self.score_power = tuple(thresholds), float(score_power)
+
+    def allocate(self, weights, stats, hinv_diags):
+        """(bits per path, score range per path) for the linears of one stage."""
+        scores = {p: channel_scores(channel_dimensions(w, stats[p].mean_abs, stats[p].sum_sq / max(stats[p].count, 1),
+                                                       stats[p].var, hinv_diags[p]), self.weights).cpu()
+                  for p, w in weights.items()}
+        flat = torch.cat(list(scores.values()))
+        costs = torch.cat([torch.full((w.shape[0],), float(w.shape[1])) for w in weights.values()])
+        errors = None
+        if self.allocation == "budget":
+            errors = torch.cat([self.rtn_errors(w, stats[p]) for p, w in weights.items()])
+        bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target_avg_bits,
+                             self.thresholds, self.score_power, errors)
+        out = dict(zip(scores, bits.split([len(s) for s in scores.values()])))
+        ranges = {p: (float(s.min()), float(s.max())) for p, s in scores.items()}
+        return out, ranges
+
+    def rtn_errors(self, weight: Tensor, stats) -> Tensor:
+        """(rows, options): Σ_i E[x_i²]·(w − Q_b(w))² per row at each bit option (the layer loss of
+        round-to-nearest under a diagonal Hessian), relative to the linear's Σ_i E[x_i²]·w² so that
+        linears of different scales compare."""
+        w = weight.float()
+        h = (stats.sum_sq / max(stats.count, 1)).to(w.device).float()
+        rows = w.shape[0]
+        err = torch.stack([((w - quantize_rtn(w, RowQuantizer(torch.full((rows,), b), self.sym, self.group_size)))
+                            .square() @ h) for b in self.bits_options], dim=1)
+        return (err / (w.square() @ h).sum().clamp_min(1e-30)).cpu()

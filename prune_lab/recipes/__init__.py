@@ -1,0 +1,30 @@
+"""One recipe per method family, chosen by the built method's declared `family` (no `_target_` compare).
+
+`run(cfg, run_dir)` is the one entry of a job: metrics.json says running -> ok | failed | interrupted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..artifacts.record import RunRecord
+from . import structured, unstructured
+from .common import JobResult, build
+
+RECIPES = {"structured": structured.run, "unstructured": unstructured.run}
+
+
+def run(cfg: DictConfig, run_dir: str | Path, memo=None) -> JobResult:
+    """Run one job. memo (a study's PlanMemo, prune_lab/study/job.py): a plan the study already
+    evaluated is not pruned and evaluated again."""
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir)
+    try:
+        method = build(cfg.method)
+        result = RECIPES[method.family](cfg, run_dir, record, method, memo)
+    except BaseException as e:
+        record.fail(e)
+        raise
+    record.finish("ok")
+    return result

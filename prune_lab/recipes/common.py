@@ -1,0 +1,151 @@
+"""The stages both method families share: build the job's components, load, evaluate, recover, save.
+
+A recipe (recipes/structured.py, recipes/unstructured.py) reads top to bottom over these stages;
+each stage records its timing in metrics.json and writes what it owns into the run dir.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ..artifacts.checkpoint import save_pruned
+from ..artifacts.export import export_hf
+from ..artifacts.record import RunRecord
+from ..cache.dense import load_dense
+from ..core.adapter import decoder_linear_params, layer_views
+from ..data import load_named
+from ..errors import PruneLabError
+
+log = logging.getLogger("prune_lab")
+TARGETS = "prune_lab.*"     # the only `_target_`s a job may instantiate (Hydra's execution whitelist)
+
+
+def build(node, **kwargs):
+    """instantiate(node), surfacing our own PruneLabError instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, _execution_whitelist_=TARGETS, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, PruneLabError):
+            raise e.__cause__ from None
+        raise
+
+
+def model_stats(model) -> dict:
+    return {"params_total": sum(p.numel() for p in model.parameters()),
+            "params_decoder_linear": decoder_linear_params(model),
+            "num_layers": len(layer_views(model))}
+
+
+def fmt(results: dict) -> str:
+    return "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
+
+
+@dataclass
+class JobResult:
+    """What a job hands back: the final evaluation (after recovery if any) and the model's size."""
+    results: dict
+    params_total: int
+
+    @property
+    def ppl(self) -> float | None:
+        """The value sweepers minimise: perplexity on the first evaluated dataset (None if none)."""
+        return next((float(v) for k, v in self.results.items() if k.startswith("ppl/")), None)
+
+
+@dataclass
+class Job:
+    """The components every family builds first (so bad configuration fails before any heavy work)
+    and, after `load`, the dense model, its tokenizer, the token streams and the evaluation sets."""
+    cfg: DictConfig
+    run_dir: Path
+    record: RunRecord
+    loader: Any
+    dataset: Any
+    calibration: Any
+    finetuner: Any
+    evaluator: Any
+    model: Any = None
+    tokenizer: Any = None
+    streams: Any = None
+    eval_sets: dict = field(default_factory=dict)
+
+    def calibration_batches(self, n_samples: int | None = None) -> list[torch.Tensor]:
+        stream = self.streams(self.dataset, self.calibration.split)
+        return self.calibration.batches(stream, self.cfg.seed, *([n_samples] if n_samples else []))
+
+
+def build_job(cfg: DictConfig, run_dir: Path, record: RunRecord) -> Job:
+    torch.manual_seed(cfg.seed)
+    return Job(cfg, run_dir, record, loader=build(cfg.model), dataset=build(cfg.data),
+               calibration=build(cfg.calibration), finetuner=build(cfg.finetune),
+               evaluator=build(cfg.eval, _convert_="all"))
+
+
+def load(job: Job, calibrates: bool) -> None:
+    """Every dataset reachable (the calibration split only if the job calibrates), the dense model
+    (kept in memory across the jobs of one multirun), then the evaluation settings against the data."""
+    with job.record.stage("load"):
+        job.eval_sets = {n: job.dataset if n == "data" else load_named(n) for n in job.evaluator.dataset_names()}
+        if calibrates:
+            job.dataset.text(job.calibration.split)           # fail fast if unreachable
+        for ds in {id(d): d for d in job.eval_sets.values()}.values():
+            ds.text(job.evaluator.split)
+        job.model, job.tokenizer, job.streams, dense_reused = load_dense(job.loader, job.cfg)
+        torch.manual_seed(job.cfg.seed)   # the same RNG state whether the dense model came from disk or memory
+    job.record["model"] = {"name": job.loader.name, "dense": model_stats(job.model), "dense_reused": dense_reused}
+    job.evaluator.check_data(job.eval_sets, job.streams)
+
+
+def evaluate_dense(job: Job) -> None:
+    if job.evaluator.before:
+        with job.record.stage("eval_dense"):
+            job.record["dense"] = job.evaluator(job.model, job.tokenizer, job.eval_sets, job.streams, tag="dense")
+        log.info("dense:  %s", fmt(job.record["dense"]))
+
+
+def evaluate(job: Job, tag: str) -> dict:
+    """The compressed model's evaluation: metrics.json `pruned` (after compression, before recovery)."""
+    with job.record.stage("evaluate"):
+        results = job.evaluator(job.model, job.tokenizer, job.eval_sets, job.streams, tag=tag)
+    job.record["pruned"] = results
+    log.info("%s: %s", tag, fmt(results))
+    return results
+
+
+def recover(job: Job, results: dict, kept=None) -> dict:
+    """finetune=lora|full, then evaluate again: metrics.json `recovered`. `kept`: a context the training
+    runs in (the unstructured family's masks and bit grids)."""
+    if not job.finetuner.enabled:
+        return results
+    with job.record.stage("recover"), (kept or nullcontext()):
+        job.record["finetune"] = job.finetuner(job.model, job.tokenizer, job.streams(job.dataset, job.finetuner.split),
+                                               seed=job.cfg.seed, run_dir=job.run_dir)
+    with job.record.stage("evaluate_recovered"):
+        results = job.evaluator(job.model, job.tokenizer, job.eval_sets, job.streams, tag="recovered")
+    job.record["recovered"] = results
+    log.info("recovered: %s", fmt(results))
+    return results
+
+
+def save(job: Job, extra=None) -> None:
+    """output.save_model (a prune_lab checkpoint; `extra(tmp_dir)` adds files before the rename) and
+    output.export=hf (a plain Hugging Face directory)."""
+    if job.cfg.output.save_model:
+        with job.record.stage("save"):
+            save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra)
+    if job.cfg.output.export:
+        with job.record.stage("export"):
+            job.record["export"] = export_hf(job.model, job.tokenizer, job.run_dir / "hf")
+
+
+def finish(job: Job, results: dict) -> JobResult:
+    job.record.write()
+    return JobResult(results, model_stats(job.model)["params_total"])

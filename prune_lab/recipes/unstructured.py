@@ -1,0 +1,80 @@
+"""The unstructured family's recipe (method=sparsegpt|wanda|magnitude, with quant=none|uniform|mixed):
+load -> engine pass (sparsify / quantize layer by layer) -> evaluate -> (recover, masks and grids
+kept -> evaluate) -> save.
+
+Read `run` top to bottom; the structured family's recipe is recipes/structured.py.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..artifacts.compression import (
+    linear_table,
+    save_compression,
+    summarise,
+    write_tables,
+)
+from ..atomic import atomic_path
+from ..errors import PruneLabError
+from .common import (
+    Job,
+    JobResult,
+    build,
+    build_job,
+    evaluate,
+    evaluate_dense,
+    finish,
+    load,
+    recover,
+    save,
+)
+
+log = logging.getLogger("prune_lab")
+
+
+def run(cfg, run_dir, record, method, memo=None) -> JobResult:
+    job = build_job(cfg, run_dir, record)
+    quant = build(cfg.quant)
+    method.with_quant(quant)
+    engine = build(cfg.engine)
+    refuse_structured_options(cfg, method)
+    load(job, calibrates=True)
+    evaluate_dense(job)
+    summary = compress(job, method, quant, engine)
+    results = evaluate(job, tag=method.name)
+    results = recover(job, results, kept=method.kept(job.model))
+    save(job, extra=lambda tmp: save_compression(tmp, method, quant, summary))   # masks/bits beside the weights
+    return finish(job, results)
+
+
+def refuse_structured_options(cfg, method) -> None:
+    """Options of the structured family that this one cannot honour: one line each, before any work.
+    (The method yamls select reconstruct=none and allocator=none; only an explicit one gets here.)"""
+    if cfg.reconstruct.mode != "none":
+        raise PruneLabError(f"reconstruct={cfg.reconstruct.mode} refits structured plans (method=structured); "
+                            f"method={method.name} compensates in its own sweep: drop the reconstruct override")
+    if cfg.allocator is not None:
+        raise PruneLabError(f"allocator settings plan structured pruning (method=structured); method={method.name} "
+                            f"sets its sparsity with method.sparsity or method.prune_n/prune_m: drop the allocator override")
+    if cfg.verify:
+        raise PruneLabError(f"verify=true proves that sliced units equal zeroed ones (method=structured); "
+                            f"method={method.name} slices nothing: drop verify=true")
+
+
+def compress(job: Job, method, quant, engine) -> dict:
+    """One engine pass; metrics.json `compression`, compression.csv (+ compression.png)."""
+    with job.record.stage("engine"):
+        batches = job.calibration_batches()
+        job.record["data_fingerprint"] = {"calibration": job.dataset.fingerprint(job.calibration.split)}
+        records = engine.walk(job.model, batches, method)
+    table = linear_table(records)
+    summary = job.record["compression"] = summarise(job.model, method, quant, table)
+    job.record["engine"] = {"layer_seconds": [round(r["seconds"], 3) for r in records]}
+    log.info("%s: sparsity %.4f, avg bits %s, %d -> %d bytes (%.3fx)", method.name, summary["sparsity"],
+             summary["avg_bits"], summary["dense_bytes"], summary["effective_bytes"], summary["size_ratio"])
+    if job.cfg.output.plots:
+        write_tables(job.run_dir, table, summary)
+    else:
+        with atomic_path(job.run_dir / "compression.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return summary

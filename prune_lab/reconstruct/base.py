@@ -1,0 +1,140 @@
+"""Reconstruction of the consumer projections (twin of conf/reconstruct/*.yaml).
+
+After the allocator has planned which units go, one engine pass walks the decoder: per layer the
+o_proj (attention: whole GQA groups = blocks of G·head_dim columns) and down_proj (MLP channels)
+are refit on calibration statistics so that the layer's output changes as little as possible:
+  none   nothing (plain slicing, no engine pass)
+  bias   FLAP-style: b += W E[x] - W_K E[x~_K]  (a bias is added to o_proj/down_proj where missing)
+  lstsq  W'_K = W C[:, K] (G_KK + λI)⁻¹ on the pruned path (see refit.py)
+  obs    greedy structured OBS picks *which* units inside each layer (the allocator's counts), then lstsq
+The model keeps its dense shape with the removed columns zeroed (the masked model); the executor
+then slices. The tensor math is in refit.py. The returned plan holds the units actually removed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.executor import ensure_bias, zero_units
+from ..core.plan import PruningPlan
+from ..engine import LayerMethod
+from ..engine.stats import dense_energy, output_error
+from ..errors import PruneLabError
+from . import refit
+
+MODES = ("none", "bias", "lstsq", "obs")
+
+
+class PlanRefit(LayerMethod):
+    """The LayerMethod of a reconstruction: stages [attn.o], [mlp.down] of every layer the plan touches."""
+
+    needs_gram = True
+
+    def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_chunk: int,
+                 residual: bool = False):
+        self.plan, self.mode, self.damp, self.obs_chunk = plan, mode, damp, obs_chunk
+        self.with_bias = mode == "bias" or fit_bias
+        self.needs_cross = True
+        self.needs_residual = residual and mode in ("lstsq", "obs")
+        self.removed: dict[str, dict[int, list[int]]] = {"attn": {}, "mlp": {}}
+        self.rows: list[dict] = []
+
+    def stages(self, view) -> list[list[str]]:
+        i = view.index
+        return [s for s, units in ((["attn.o"], self.plan.attn), (["mlp.down"], self.plan.mlp)) if i in units]
+
+    @torch.no_grad()
+    def apply(self, index: int, view, stats) -> dict:
+        (path, s), = stats.items()
+        kind = path.split(".")[0]
+        if kind == "attn":
+            lin, n_blocks, width = view.attn.o, view.attn.num_kv_heads, view.attn.group_size * view.attn.head_dim
+        else:
+            lin, n_blocks, width = view.mlp.down, view.mlp.width, 1
+        if s.count < lin.in_features:
+            raise PruneLabError(f"calibration too short to estimate the {lin.in_features}x{lin.in_features} "
+                                f"Gram of layer {index} {path} ({s.count} tokens): raise calibration.n_samples")
+        units = (self.plan.attn if kind == "attn" else self.plan.mlp)[index]
+        g, c, d = refit.augmented(s, self.with_bias)
+        drift = refit.augmented_drift(s, self.with_bias)
+        w = lin.weight.double()
+        if self.with_bias:
+            b = lin.bias.double() if lin.bias is not None else torch.zeros_like(w[:, 0])
+            w = torch.cat([w, b[:, None]], 1)
+        if self.mode == "obs":
+            every = torch.arange(w.shape[1], device=w.device)
+            chunk = self.obs_chunk or max(1, math.ceil(len(units) / 64))
+            units, _ = refit.obs_select(refit.lstsq(w, g, c, every, self.damp, drift), g, n_blocks, width,
+                                        len(units), self.damp, chunk)
+        cut = refit.block_columns(torch.as_tensor(sorted(units), device=w.device), width)
+        keep_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        keep_mask[cut] = False
+        keep = keep_mask.nonzero().squeeze(1)
+        masked = w.clone()
+        masked[:, cut] = 0
+        if self.mode == "bias":
+            new = masked.clone()
+            new[:, -1] = w[:, -1] + refit.bias_shift(w[:, :-1], keep[:-1], s.dense_sum / s.count, s.sum / s.count)
+        else:
+            new = refit.lstsq(w, g, c, keep, self.damp, drift)
+        energy = max(dense_energy(w, d), 1e-30)
+        row = {"layer": index, "kind": kind, "removed": len(units),
+               "err_before": output_error(w, masked, g, c, d) / energy,
+               "err_after": output_error(w, new, g, c, d) / energy}
+        n_in = lin.in_features
+        lin.weight.copy_(new[:, :n_in].to(lin.weight.dtype))
+        if self.with_bias:
+            ensure_bias(lin)
+            lin.bias.copy_(new[:, n_in].to(lin.bias.dtype))
+        self.removed[kind][index] = sorted(int(u) for u in units)
+        self.rows.append(row)
+        return row
+
+    def final_plan(self) -> PruningPlan:
+        return PruningPlan(self.removed["attn"], self.removed["mlp"], self.plan.layers, self.plan.target_params)
+
+
+class Reconstruct:
+    """reconstruct=<mode>: refits the consumer projections of a plan in one engine pass."""
+
+    def __init__(self, mode: str = "obs", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0,
+                 residual: bool = True):
+        if mode not in MODES:
+            raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if not damp > 0 or not math.isfinite(damp):
+            raise PruneLabError(f"reconstruct.damp must be > 0 (relative Gram damping), got {damp}")
+        if obs_chunk < 0:
+            raise PruneLabError(f"reconstruct.obs_chunk must be >= 0 (0 = automatic), got {obs_chunk}")
+        self.mode, self.damp, self.fit_bias, self.obs_chunk = mode, float(damp), fit_bias, obs_chunk
+        self.residual = residual
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def check_calibration(self, n_tokens: int, views) -> None:
+        """Fail before any heavy work when the calibration cannot estimate the largest Gram of a refit."""
+        need = max(max(v.attn.o.in_features, v.mlp.down.in_features) for v in views)
+        if self.enabled and n_tokens < need:
+            raise PruneLabError(f"reconstruct={self.mode} needs at least {need} calibration tokens to estimate "
+                                f"the Gram matrices, got {n_tokens}: raise calibration.n_samples or seq_len")
+
+    def __call__(self, model, plan: PruningPlan, batches, engine) -> tuple[PruningPlan, list[dict]]:
+        """Refit in place (masked form) and return (the plan actually removed, per-layer error rows)."""
+        if not self.enabled or not (plan.attn or plan.mlp):     # e.g. allocator=depth: whole layers only
+            return plan, []
+        zero_units(model, PruningPlan(layers=plan.layers))      # removed layers are the identity
+        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_chunk, self.residual)
+        engine.walk(model, batches, method)
+        return method.final_plan(), method.rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for kind in ("attn", "mlp"):
+        sel = [r for r in rows if r["kind"] == kind]
+        if sel:
+            out[f"{kind}_err_before"] = sum(r["err_before"] for r in sel) / len(sel)
+            out[f"{kind}_err_after"] = sum(r["err_after"] for r in sel) / len(sel)
+    return out
