@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .adapter import SUPPORTED_FAMILIES, check_supported
+from .adapter import check_supported
 from .errors import PruneLabError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -212,7 +213,7 @@ class GGUFModel(HFModel):
     def load(self):
         from .artifacts.gguf_read import load_gguf
         model, tokenizer, self._source = load_gguf(self.path, self.dtype, self.attn_implementation,
-                                                   self.cache_dir, supported=SUPPORTED_FAMILIES)
+                                                   self.cache_dir, check_family=_check_family)
         check_supported(model)
         if self.tokenizer_path != self.path:
             with load_errors(self.tokenizer_path):
@@ -225,6 +226,12 @@ class GGUFModel(HFModel):
             from .artifacts.gguf_read import describe
             self._source = describe(self.path, self.dtype, self.cache_dir)
         return {"gguf": self._source}
+
+
+def _check_family(family: str) -> None:
+    """check_supported before the weights are converted (it reads only config.model_type; llama.cpp's
+    names of the families prune_lab prunes are transformers' model types)."""
+    check_supported(SimpleNamespace(config=SimpleNamespace(model_type=family)))
 
 
 class PackagedGGUFModel(GGUFModel):

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import conftest
 from conftest import LAB_MODEL, compose_job, left_padded, lively
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
-from prune_lab.pipeline import build
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra `real`) is not installed")
 from prune_lab.artifacts import gguf_read  # noqa: E402
@@ -79,6 +80,14 @@ def source(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_gguf(model, path)
     return model, path
+
+
+def build(node):
+    """instantiate(node), surfacing the loader's own PruneLabError as the pipeline does."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        raise e.__cause__ if isinstance(e.__cause__, PruneLabError) else e
 
 
 def gguf_loader(path, tmp_path, *extra: str):
@@ -198,8 +207,8 @@ def test_an_unsupported_architecture_is_one_error_line(source, tmp_path):
     write_gguf(src, path, arch="gpt2")           # a family transformers reads but prune_lab does not prune
     with pytest.raises(UnsupportedArchitecture) as e:
         gguf_loader(path, tmp_path).load()
-    assert one_line(e).startswith("unsupported architecture 'gpt2' in GGUF file")
-    assert "llama" in str(e.value) and not (tmp_path / "cache" / "gguf").exists()
+    assert one_line(e).startswith(f"GGUF file '{path}': unsupported architecture 'gpt2': prune_lab supports llama")
+    assert not (tmp_path / "cache" / "gguf").exists()           # refused before converting
 
 
 def test_unsupported_architecture_through_the_cli_exits_2_with_one_line(source, tmp_path):

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,14 +162,6 @@ def read_header(path: Path) -> dict:
             "file_type": file_type, "tensor_types": dict(sorted(types.items()))}
 
 
-def check_architecture(header: dict, supported: Collection[str], path) -> None:
-    """Fail before converting: llama.cpp's names of the families prune_lab prunes are transformers'."""
-    arch = header["architecture"]
-    if arch not in supported:
-        raise UnsupportedArchitecture(f"unsupported architecture '{arch}' in GGUF file '{path}': prune_lab "
-                                      f"supports {', '.join(supported)}")
-
-
 def source_info(path: Path, digest: str, header: dict, dtype: torch.dtype) -> dict:
     return {"file": path.name, "path": str(path), "bytes": path.stat().st_size, "xxh3_128": digest,
             **header, "dequantized_to": str(dtype).removeprefix("torch.")}
@@ -289,8 +281,10 @@ def cache_key(digest: str, dtype: torch.dtype) -> str:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa",
-              cache_dir: str | Path | None = None, supported: Collection[str] = ()):
+              cache_dir: str | Path | None = None, check_family: Callable[[str], None] | None = None):
     """(model, tokenizer, source info) of a GGUF file; cache_dir=None converts without caching.
+
+    check_family(architecture) raises for a family the caller cannot handle, before any conversion.
 
     The source info describes the file (name, size, xxh3-128, architecture, quantization type and the
     ggml type of every tensor, the dtype it was dequantized to) and says whether the weights came
@@ -306,8 +300,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype, attn_implementation: str = "
         log.info("GGUF %s: HF weights from the conversion cache %s", p.name, cache.path(key))
         return model, tokenizer, {**info, "conversion": "cached"}
     header = read_header(p)
-    if supported:
-        check_architecture(header, supported, path)
+    if check_family is not None:
+        try:
+            check_family(header["architecture"])
+        except UnsupportedArchitecture as e:
+            raise UnsupportedArchitecture(f"GGUF file '{path}': {e}") from None
     model, tokenizer = convert(p, dtype, attn_implementation)
     info = source_info(p, digest, header, dtype)
     cache.put(key, model, tokenizer, info)
