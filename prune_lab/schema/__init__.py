@@ -17,7 +17,7 @@ from .pruning import *  # noqa: F401,F403
 
 SCHEMAS = {
     "model": {"embedded": EmbeddedModelConf, "hf": HFModelConf, "pruned": PrunedModelConf,
-              "random": RandomModelConf},
+              "random": RandomModelConf, "gguf": GGUFModelConf, "packaged_gguf": PackagedGGUFModelConf},
     "data": {"wiki_vital": WikiVitalConf, "hub": HubTextConf, "text": LocalTextConf},
     "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf, "file": FileImportanceConf,
                    "obs": ObsImportanceConf},

@@ -37,6 +37,24 @@ class PrunedModelConf(HFModelConf):
 
 
 @dataclass
+class GGUFModelConf(ModelConf):
+    _target_: str = "prune_lab.model.GGUFModel"
+    path: str = MISSING                      # a .gguf file (needs the `real` extra: pip install 'prune_lab[real]')
+    cache_dir: Optional[str] = "${cache.dir}"   # converted HF weights cached under <cache_dir>/gguf/
+    use_cache: bool = "${cache.enabled}"  # type: ignore[assignment]  # false: convert on every load
+
+
+@dataclass
+class PackagedGGUFModelConf(ModelConf):
+    _target_: str = "prune_lab.model.PackagedGGUFModel"
+    distribution: str = MISSING              # the installed Python package that ships the file
+    file: str = MISSING                      # its path inside that package
+    version: Optional[str] = None            # the version the preset was measured with (a warning if not)
+    cache_dir: Optional[str] = "${cache.dir}"
+    use_cache: bool = "${cache.enabled}"  # type: ignore[assignment]
+
+
+@dataclass
 class RandomModelConf(ModelConf):
     _target_: str = "prune_lab.model.RandomModel"
     arch: str = "llama"
