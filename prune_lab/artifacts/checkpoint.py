@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..atomic import atomic_dir
-from ..core.adapter import added_biases, check_supported, head_dim_of, layer_shapes, layer_views
+from ..core.adapter import (
+    added_biases,
+    check_supported,
+    head_dim_of,
+    layer_shapes,
+    layer_views,
+)
 from ..core.executor import ensure_bias, prune_attention, prune_mlp
 from ..errors import CheckpointError, PruneLabError
 from .export import plain_config

@@ -100,7 +100,8 @@ def load(job: Job, calibrates: bool) -> None:
             ds.text(job.evaluator.split)
         job.model, job.tokenizer, job.streams, dense_reused = load_dense(job.loader, job.cfg)
         torch.manual_seed(job.cfg.seed)   # the same RNG state whether the dense model came from disk or memory
-    job.record["model"] = {"name": job.loader.name, "dense": model_stats(job.model), "dense_reused": dense_reused}
+    job.record["model"] = {"name": job.loader.name, **job.loader.source_info(), "dense": model_stats(job.model),
+                           "dense_reused": dense_reused}
     job.evaluator.check_data(job.eval_sets, job.streams)
 
 
