@@ -94,6 +94,7 @@ def main() -> None:
 
     import torch
     from peer_torch_pruning import decoder_linear_params, prune_lab_inputs, shapes
+
     from prune_lab.eval.ppl import perplexities
     tp, llama_pruner = import_llm_pruner(args.llm_pruner)
     rev = os.popen(f"git -C {args.llm_pruner} rev-parse --short HEAD 2>/dev/null").read().strip() or None
