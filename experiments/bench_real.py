@@ -105,12 +105,12 @@ def run(name: str, work: Path, lock: str | None) -> dict:
     cmd = [sys.executable, "-m", "prune_lab", *BASE, *ROWS[name], f"hydra.run.dir={run_dir}"]
     if lock:
         cmd = ["flock", lock, *cmd]
-    start = time.time()
+    rev, start = git_rev(), time.time()
     with open(f"{run_dir}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     row = {"row": name, "group": GROUP_OF[name], "command": command(name), "run_dir": str(run_dir),
            "returncode": rc, "wall_s": round(time.time() - start, 1), "load_after": round(os.getloadavg()[0], 2),
-           "git": git_rev()}
+           "git": rev}
     mpath = run_dir / "metrics.json"
     if not mpath.exists():
         return row | {"status": "failed", "error": f"no metrics.json (see {run_dir}.log)"}
