@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 OUT_JSON, OUT_MD = RESULTS / "real_smollm2.json", RESULTS / "real_smollm2.md"
 PEERS = {"llm-compressor": RESULTS / "llmcompressor_smollm2_135m.json",
+         "LLM-Pruner": RESULTS / "llm_pruner_smollm2_135m.json",
          "Torch-Pruning": RESULTS / "torch_pruning_smollm2_135m.json"}
 PREFIX = 64
 BASE = ["model=smollm2_135m", f"eval.ppl.prefix_windows=[{PREFIX}]", "output.plots=false"]
@@ -205,10 +206,47 @@ def render(rows: dict) -> str:
     return "\n".join(out)
 
 
+def readme_table(rows: dict) -> str:
+    """The compact table of the README section: measured rows only, then the peers'."""
+    out = [f"| row | PPL @{PREFIX} | PPL @216 | removed | job time (s) | command (`python -m prune_lab model=smollm2_135m "
+           f"eval.ppl.prefix_windows=[{PREFIX}] output.plots=false` + ) |", "|---|---|---|---|---|---|"]
+    for name in ROWS:
+        r = rows.get(name)
+        if not r or r.get("status") != "ok":
+            continue
+        p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl"))
+        if r.get("recovered_ppl") is not None:
+            p64, p = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}", f"{p} → {f(r['recovered_ppl'])}"
+        t = (r.get("timings_s") or {}).get("total")
+        out.append(f"| {name} | {p64} | {p} | {removed(r)} | {f(t, '.0f')} | `{' '.join(ROWS[name]) or '(nothing)'}` |")
+    for peer, path in PEERS.items():
+        if path.exists():
+            for r in json.loads(path.read_text()):
+                if r.get("setting") == "dense":
+                    continue
+                n = peer_row(peer, r)
+                out.append(f"| {n['setting']} | {f(n['ppl@'])} | {f(n['ppl'])} | {n['removed']} | {f(n['seconds'], '.0f')} "
+                           f"| {n['note'] or 'peer: ' + peer} |")
+    return "\n".join(out)
+
+
+def peer_row(peer: str, r: dict) -> dict:
+    """One peer result in the table's terms (llm-compressor's json keeps its pair layout: llmc_* keys)."""
+    if peer == "llm-compressor":
+        zeros = r.get("llmc_zeros")
+        return {"setting": f"llm-compressor {r['setting']}", "ppl@": r.get(f"llmc_ppl@{PREFIX}"),
+                "ppl": r.get("llmc_ppl"), "removed": f"zeros {zeros:.3f}" if zeros is not None else "–",
+                "seconds": r.get("llmc_s"), "note": r.get("llmc_error")}
+    return {"setting": r["setting"], "ppl@": r.get(f"ppl@{PREFIX}"), "ppl": r.get("ppl"),
+            "removed": r.get("removed") or "–", "seconds": r.get("seconds"), "note": r.get("error") or r.get("notes")}
+
+
 def peers_section(d64, d216) -> list[str]:
     out = ["## Peers, same protocol", "",
            "Same calibration token ids, same test token ids, same PPL function (prune_lab.eval.ppl.perplexities), "
-           "weights loaded from prune_lab's GGUF conversion.", "",
+           "weights from prune_lab's GGUF conversion. llm-compressor: `experiments/compare_llmcompressor.py --model "
+           "smollm2_135m --peers-only` (its own venv); LLM-Pruner: `experiments/peer_llm_pruner.py`; Torch-Pruning: "
+           "`experiments/peer_torch_pruning.py` (both from outside the repo; their docstrings say what exactly runs).", "",
            f"| peer | setting | PPL @{PREFIX} | PPL @216 | removed / zeros | time (s) | notes |", "|---|---|---|---|---|---|---|"]
     any_row = False
     for peer, path in PEERS.items():
@@ -216,14 +254,14 @@ def peers_section(d64, d216) -> list[str]:
             continue
         for r in json.loads(path.read_text()):
             if r.get("setting") == "dense":
-                out.append(f"| {peer} | dense (its own load of the weights) | {f(r.get(f'ppl@{PREFIX}'))} | "
-                           f"{f(r.get('ppl'))} | | | check: prune_lab's dense {f(d64)} / {f(d216)} |")
+                got = r.get(f"ppl@{PREFIX}")
+                out.append(f"| {peer} | dense (its own load of the weights) | {f(got)} | {f(r.get('ppl'))} | | | "
+                           f"check: prune_lab's dense {f(d64)} / {f(d216)} |")
                 continue
             any_row = True
-            note = r.get("error") or r.get("notes") or ""
-            rem = r.get("removed") or (f"zeros {r['zeros']:.3f}" if r.get("zeros") is not None else "–")
-            out.append(f"| {peer} | {r['setting']} | {f(r.get(f'ppl@{PREFIX}'))} | {f(r.get('ppl'))} | {rem} | "
-                       f"{f(r.get('seconds'), '.0f')} | {note} |")
+            n = peer_row(peer, r)
+            out.append(f"| {peer} | {n['setting']} | {f(n['ppl@'])} | {f(n['ppl'])} | {n['removed']} | "
+                       f"{f(n['seconds'], '.0f')} | {n['note'] or ''} |")
     if not any_row:
         out.append("| – | not run | | | | | |")
     return out + [""]
@@ -237,7 +275,11 @@ def main() -> None:
     ap.add_argument("--rerun", action="store_true", help="run the --only rows again even if recorded")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the json")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands")
+    ap.add_argument("--readme-table", action="store_true", help="print the README's compact table")
     args = ap.parse_args()
+    if args.readme_table:
+        print(readme_table(load_rows()))
+        return
     if args.list:
         for n in ORDER:
             print(f"{n}\n    {command(n)}")
