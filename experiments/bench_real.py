@@ -88,8 +88,11 @@ PRIORITY = ["dense (allocator.ratio=0)", "25% taylor global none", "sparsegpt 50
 ORDER = PRIORITY + [n for n in ROWS if n not in PRIORITY]
 
 
-def command(name: str) -> str:
-    return "python -m prune_lab " + " ".join([*BASE, *ROWS[name]])
+QUICK = [f"eval.ppl.max_windows={PREFIX}"]     # --quick: the first 64 windows only (a third of the evaluation)
+
+
+def command(name: str, quick: bool = False) -> str:
+    return "python -m prune_lab " + " ".join([*BASE, *ROWS[name], *(QUICK if quick else [])])
 
 
 def git_rev() -> str | None:
@@ -97,19 +100,20 @@ def git_rev() -> str | None:
     return r.stdout.strip() or None
 
 
-def run(name: str, work: Path, lock: str | None) -> dict:
+def run(name: str, work: Path, lock: str | None, quick: bool = False) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     run_dir = work / slug
     if run_dir.exists():                                   # a re-run of a failed row: a fresh dir
         run_dir = work / f"{slug}_{int(time.time())}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "prune_lab", *BASE, *ROWS[name], f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "prune_lab", *BASE, *ROWS[name], *(QUICK if quick else []), f"hydra.run.dir={run_dir}"]
     if lock:
         cmd = ["flock", lock, *cmd]
     rev, start = git_rev(), time.time()
     with open(f"{run_dir}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    row = {"row": name, "group": GROUP_OF[name], "command": command(name), "run_dir": str(run_dir),
+    row = {"row": name, "group": GROUP_OF[name], "command": command(name, quick), "run_dir": str(run_dir),
+           "windows": PREFIX if quick else "all",
            "returncode": rc, "wall_s": round(time.time() - start, 1), "load_after": round(os.getloadavg()[0], 2),
            "git": rev}
     mpath = run_dir / "metrics.json"
@@ -119,8 +123,9 @@ def run(name: str, work: Path, lock: str | None) -> dict:
     pruned, recovered, plan, comp = (m.get(k) or {} for k in ("pruned", "recovered", "plan", "compression"))
     model = m.get("model") or {}
     row |= {"status": m["status"], "error": m.get("error"),
-            "ppl": pruned.get("ppl/data"), f"ppl@{PREFIX}": pruned.get(f"ppl/data@{PREFIX}"),
-            "recovered_ppl": recovered.get("ppl/data"), f"recovered_ppl@{PREFIX}": recovered.get(f"ppl/data@{PREFIX}"),
+            "ppl": None if quick else pruned.get("ppl/data"), f"ppl@{PREFIX}": pruned.get(f"ppl/data@{PREFIX}"),
+            "recovered_ppl": None if quick else recovered.get("ppl/data"),
+            f"recovered_ppl@{PREFIX}": recovered.get(f"ppl/data@{PREFIX}"),
             "params_removed": plan.get("params_removed"), "achieved_ratio": plan.get("achieved_ratio"),
             "groups_removed": plan.get("groups_removed"), "channels_removed": plan.get("channels_removed"),
             "layers_removed": plan.get("layers_removed"),
@@ -195,6 +200,8 @@ def render(rows: dict) -> str:
                 p64 = f"{f(p64)} → {f(r.get(f'recovered_ppl@{PREFIX}'))}"
                 p = f"{f(p)} → {f(r['recovered_ppl'])}"
                 x = r.get(f"recovered_ppl@{PREFIX}") / d64 if d64 and r.get(f"recovered_ppl@{PREFIX}") else None
+            if r.get("windows") == PREFIX:
+                p = f"(first {PREFIX} only)"
             out.append(f"| {name} | {p64 if isinstance(p64, str) else f(p64)} | {p if isinstance(p, str) else f(p)} | "
                        f"{f(x)} | {removed(r)} | {stages(r.get('timings_s'))} | `{r['command']}` |")
         out.append("")
@@ -214,7 +221,7 @@ def readme_table(rows: dict) -> str:
         r = rows.get(name)
         if not r or r.get("status") != "ok":
             continue
-        p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl"))
+        p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl")) if r.get("windows") != PREFIX else "(64 only)"
         if r.get("recovered_ppl") is not None:
             p64, p = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}", f"{p} → {f(r['recovered_ppl'])}"
         t = (r.get("timings_s") or {}).get("total")
@@ -234,10 +241,13 @@ def peer_row(peer: str, r: dict) -> dict:
     """One peer result in the table's terms (llm-compressor's json keeps its pair layout: llmc_* keys)."""
     if peer == "llm-compressor":
         zeros = r.get("llmc_zeros")
-        return {"setting": f"llm-compressor {r['setting']}", "ppl@": r.get(f"llmc_ppl@{PREFIX}"),
-                "ppl": r.get("llmc_ppl"), "removed": f"zeros {zeros:.3f}" if zeros is not None else "–",
+        quick = r.get("windows") == PREFIX
+        return {"setting": f"llm-compressor {r['setting']}",
+                "ppl@": r.get("llmc_ppl") if quick else r.get(f"llmc_ppl@{PREFIX}"),
+                "ppl": None if quick else r.get("llmc_ppl"), "removed": f"zeros {zeros:.3f}" if zeros is not None else "–",
                 "seconds": r.get("llmc_s"), "note": r.get("llmc_error")}
-    return {"setting": r["setting"], "ppl@": r.get(f"ppl@{PREFIX}"), "ppl": r.get("ppl"),
+    return {"setting": r["setting"], "ppl@": r.get(f"ppl@{PREFIX}"),
+            "ppl": None if r.get("windows") == PREFIX else r.get("ppl"),
             "removed": r.get("removed") or "–", "seconds": r.get("seconds"), "note": r.get("error") or r.get("notes")}
 
 
@@ -273,6 +283,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help='"|"-separated row names (default: every row, priority order)')
     ap.add_argument("--lock", default=os.environ.get("PRUNE_LAB_LOCK"), help="flock this file around each job")
     ap.add_argument("--rerun", action="store_true", help="run the --only rows again even if recorded")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"evaluate the first {PREFIX} windows only (eval.ppl.max_windows={PREFIX}); a later run "
+                         "without --quick completes such a row")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the json")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands")
     ap.add_argument("--readme-table", action="store_true", help="print the README's compact table")
@@ -292,10 +305,11 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; --list shows them")
     rows = load_rows()
     for name in [] if args.render else names:
-        if name in rows and rows[name].get("status") == "ok" and not args.rerun:
+        done = rows.get(name, {})
+        if done.get("status") == "ok" and not args.rerun and (args.quick or done.get("windows") != PREFIX):
             continue
         print(f"[bench_real] {name}: {command(name)}", flush=True)
-        rows = load_rows() | {name: run(name, work, args.lock)}   # re-read: another writer may have added rows
+        rows = load_rows() | {name: run(name, work, args.lock, args.quick)}   # re-read: another writer may have added rows
         save_rows(rows)
         r = rows[name]
         print(f"[bench_real] {name}: {r.get('status')} ppl@{PREFIX} {r.get(f'ppl@{PREFIX}')} ppl {r.get('ppl')} "

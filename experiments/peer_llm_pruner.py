@@ -118,7 +118,7 @@ def main() -> None:
         model = copy.deepcopy(dense)
         row = {"setting": f"LLM-Pruner llama3.py block-wise, {importance}, {round(args.ratio * 100)}%",
                "versions": versions, "attn_ratio": args.attn_ratio, "mlp_ratio": mlp_ratio,
-               "load": round(os.getloadavg()[0], 2)}
+               "load": round(os.getloadavg()[0], 2), "windows": args.windows or "all"}
         start = time.time()
         try:
             prune(tp, llama_pruner, model, importance, batches, args.attn_ratio, mlp_ratio)

@@ -175,7 +175,7 @@ def main() -> None:
     for setting in args.only.split(",") if args.only else SETTINGS:
         model = copy.deepcopy(dense)
         row = {"setting": f"Torch-Pruning {setting}, {round(args.ratio * 100)}%", "versions": versions,
-               "load": round(os.getloadavg()[0], 2)}
+               "load": round(os.getloadavg()[0], 2), "windows": args.windows or "all"}
         start = time.time()
         try:
             prune(tp, model, setting, batches, args.ratio, args.graph_timeout)
