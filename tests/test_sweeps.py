@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from conftest import CONF, cli_env, run_cli, start_cli, tiny_overrides, write_small_corpus
 from prune_lab.errors import PruneLabError
 from prune_lab.study.job import Outcome
-from prune_lab.study.storage import check_same_job, derived_seed, normalise_url, open_storage, redact, worker_alive, worker_id
+from prune_lab.study.storage import (check_same_job, derived_seed, job_settings, normalise_url, open_storage, redact,
+                                     worker_alive, worker_id)
 from prune_lab.study.sweeper import unpack
 from prune_lab.study.objective import attn_mlp, register_resolvers
 
@@ -154,6 +155,15 @@ def test_study_bookkeeping():
     assert float(Outcome((3.0,))) == 3.0 and unpack(2.5, 1).values == (2.5,) and unpack((1, 2), 2).values == (1, 2)
     with pytest.raises(ValueError, match="returned 1 value"):
         unpack(2.5, 2)
+
+
+def test_extra_metrics_do_not_make_another_study_job():
+    """eval.ppl.prefix_windows only adds metrics: a study made without it resumes with it."""
+    with initialize_config_dir(config_dir=str(CONF)):
+        plain = compose(config_name="config")
+        more = compose(config_name="config", overrides=["eval.ppl.prefix_windows=[64]"])
+    assert job_settings(plain, []) == job_settings(more, [])
+    assert "eval.ppl.max_windows" in job_settings(plain, [])
 
 
 def test_slurm_launcher_overlay_composes_when_the_plugin_is_installed():

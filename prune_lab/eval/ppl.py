@@ -32,12 +32,16 @@ def nll_sum(model, batch: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of each window of a [B, L] batch: a float64 [B] tensor (L - 1 tokens each)."""
+def batch_nll(model, batch: torch.Tensor, cuts: Sequence[int] = ()) -> tuple[float, dict]:
+    """nll_sum's summed NLL of a [B, L] batch (the same numbers: one log-softmax, summed by nll_loss) and,
+    for each k of cuts (0 < k < B), the summed NLL of its first k windows."""
     logits = model(batch.to(model.device)).logits.float()
-    targets = batch[:, 1:].to(logits.device)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return loss.view(targets.shape).double().sum(1).cpu()
+    targets = batch[:, 1:].to(logits.device).reshape(-1)
+    logp = F.log_softmax(logits[:, :-1].reshape(-1, logits.size(-1)), 1)
+    del logits
+    per = targets.numel() // len(batch)
+    parts = {k: F.nll_loss(logp[: k * per], targets[: k * per], reduction="sum").item() for k in cuts}
+    return F.nll_loss(logp, targets, reduction="sum").item(), parts
 
 
 @torch.no_grad()
@@ -45,23 +49,32 @@ def perplexities(model, stream: torch.Tensor, seq_len: int = 256, batch_size: in
                  max_windows: int | None = None, prefix_windows: Sequence[int] = (), progress: bool = True,
                  desc: str = "ppl") -> dict:
     """One pass over the windows -> {None: PPL of every window (up to max_windows), n: PPL of the first n
-    windows for each n of prefix_windows}. A prefix equals a separate max_windows=n evaluation: the
-    per-window NLL sums are the same numbers, accumulated in window order (float64)."""
+    windows for each n of prefix_windows}. The full PPL is perplexity()'s of old (batch sums, in order); a
+    prefix sums the same batch sums up to its last whole batch, and the NLL of its first windows of the batch
+    it ends in: equal to a separate max_windows=n evaluation when n is a multiple of batch_size (the same
+    numbers), within round-off otherwise (a smaller last batch)."""
+    wins = windows(stream, seq_len, max_windows)
+    for n in prefix_windows:
+        if n > len(wins):
+            raise PruneLabError(f"eval.ppl.prefix_windows: {n} windows asked, the evaluated split holds "
+                                f"{len(wins)} of {seq_len} tokens")
     was_training = model.training
     model.eval()
-    sums = []
-    for batch in tqdm(windows(stream, seq_len, max_windows).split(batch_size), desc=desc,
-                      disable=not progress, leave=False):
-        sums.append(window_nll(model, batch))
+    total, prefix = 0.0, dict.fromkeys(prefix_windows, 0.0)
+    for i, batch in enumerate(tqdm(wins.split(batch_size), desc=desc, disable=not progress, leave=False)):
+        start = i * batch_size
+        cuts = sorted({n - start for n in prefix_windows if start < n < start + len(batch)})
+        s, parts = batch_nll(model, batch, cuts)
+        total += s
+        for n in prefix_windows:
+            if n >= start + len(batch):
+                prefix[n] += s
+            elif n > start:
+                prefix[n] += parts[n - start]
     model.train(was_training)
-    sums = torch.cat(sums)
     out = {}
-    for n in (None, *prefix_windows):
-        if n is not None and n > len(sums):
-            raise PruneLabError(f"eval.ppl.prefix_windows: {n} windows asked, the evaluated split holds "
-                                f"{len(sums)} of {seq_len} tokens")
-        part = sums if n is None else sums[:n]
-        nll = float(part.sum()) / (part.numel() * (seq_len - 1))
+    for n, nll_total in ((None, total), *prefix.items()):
+        nll = nll_total / ((len(wins) if n is None else n) * (seq_len - 1))
         if math.isnan(nll):
             raise PruneLabError(f"{desc}: the mean NLL is NaN (NaN/inf logits: fp16 overflow? use "
                                 f"model.dtype=bfloat16 or float32)")

@@ -145,6 +145,7 @@ def derived_seed(seed: int | None, n_trials: int) -> int | None:
 
 # ---- one study, one job ------------------------------------------------------------------------
 IGNORED = ("hydra", "cache", "output", "search")   # neither decides a trial's result nor names the job
+IGNORED_KEYS = ("eval.ppl.prefix_windows",)        # extra metrics only (and absent from studies made before it)
 
 
 def job_settings(config, searched) -> dict[str, str]:
@@ -161,7 +162,7 @@ def job_settings(config, searched) -> dict[str, str]:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True, default=str)
     walk(job, "")
     return {k: v for k, v in flat.items()
-            if not any(k == s or k.startswith(s + ".") for s in searched)}
+            if not any(k == s or k.startswith(s + ".") for s in (*searched, *IGNORED_KEYS))}
 
 
 def check_same_job(study, settings: dict[str, str]) -> None:
