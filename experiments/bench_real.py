@@ -231,8 +231,9 @@ def readme_table(rows: dict) -> str:
                 if r.get("setting") == "dense":
                     continue
                 n = peer_row(peer, r)
+                note = (n["note"] or "").split(". ")[0]          # the error's first sentence; the md has it whole
                 out.append(f"| {n['setting']} | {f(n['ppl@'])} | {f(n['ppl'])} | {n['removed']} | {f(n['seconds'], '.0f')} "
-                           f"| {n['note'] or 'peer: ' + peer} |")
+                           f"| {note or 'peer: ' + peer} |")
     return "\n".join(out)
 
 
