@@ -19,6 +19,7 @@ from ..artifacts.layer_table import layer_table, write_layer_table
 from ..artifacts.plots import write_run_plots
 from ..artifacts.reconstruct_errors import write_errors
 from ..artifacts.scores import save_scores
+from ..artifacts.search_plots import write_search_plot
 from ..atomic import atomic_path
 from ..cache.scores import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
 from ..core.adapter import layer_shapes, layer_views
@@ -124,6 +125,7 @@ def check_before_scoring(job: Job, parts: Parts, views) -> None:
     if parts.prunes:
         check_alignment(views, parts.allocator.multiple_of)      # multiple_of fits every layer
         parts.allocator.eligible(views)      # layer range, eval windows
+        parts.allocator.check_calibration(job.calibration.n_samples * job.calibration.seq_len)
 
 
 def score(job: Job, parts: Parts):
@@ -162,8 +164,15 @@ def allocate(job: Job, parts: Parts, views, scores, layer_scores) -> PruningPlan
     allocator, record = parts.allocator, job.record
     if allocator is None:
         return None
+    if allocator.searches and parts.prunes:      # allocator=search: the plan from the level database
+        with record.stage("search"):
+            plan = allocator.search(job.model, job.calibration_batches(), parts.engine, scores, views, job.run_dir)
+        record["search"] = allocator.summary
+        if job.cfg.output.plots:
+            write_search_plot(job.run_dir, allocator.summary)
     with record.stage("allocate"):
-        plan = allocator(scores, views, layer_scores) if parts.prunes else PruningPlan()
+        if not allocator.searches or not parts.prunes:
+            plan = allocator(scores, views, layer_scores) if parts.prunes else PruningPlan()
         if scores is not None:        # depth: whole layers, nothing to align
             plan = align_plan(plan, scores, views, allocator.multiple_of)
         plan.save(job.run_dir / "plan.csv")

@@ -22,7 +22,7 @@ SCHEMAS = {
     "importance": {"base": ImportanceConf, "taylor": TaylorConf, "flap": FlapConf, "file": FileImportanceConf,
                    "obs": ObsImportanceConf},
     "layer_importance": {"base": LayerImportanceConf, "file": FileLayerImportanceConf},
-    "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf,
+    "allocator": {"uniform": AllocatorConf, "layerwise": LayerwiseConf, "global": GlobalConf, "search": SearchConf,
                   "depth": DepthConf,
                   "uniform_shape": UniformShapeConf},
     "reconstruct": {"base": ReconstructConf},

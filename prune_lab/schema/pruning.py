@@ -90,6 +90,21 @@ class DepthConf(AllocatorConf):
 
 
 @dataclass
+class SearchConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.Search"
+    searcher: str = "evolution"              # evolution (EvoPress) | optuna
+    fitness: str = "kl"                      # kl (to the dense model) | ppl (on the calibration tokens)
+    fitness_tokens: int = 8192
+    stages: int = 3
+    generations: int = 50
+    offspring: int = 16
+    sampler: str = "cmaes"                   # searcher=optuna: cmaes | tpe | gp
+    mlp_step: float = 0.0625
+    damp: float = 0.01
+    seed: int = 0
+
+
+@dataclass
 class UniformShapeConf(AllocatorConf):
     _target_: str = "prune_lab.allocator.UniformShape"
     max_removed_layers: Optional[int] = None
