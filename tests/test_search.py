@@ -130,3 +130,27 @@ def test_search_bad_input_is_one_line_before_the_database(tmp_path, overrides, l
     assert len(errors) == 1 and errors[0].startswith(f"prune_lab: error: {line}"), errors
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["status"] == "failed" and "score" not in m["timings_s"] and "search" not in m["timings_s"]
+
+
+def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
+    from prune_lab.allocator.search.evolution import evolve, stage_survivors
+    assert stage_survivors(16, 3) == [16, 4, 1] and stage_survivors(4, 2) == [4, 1]
+
+    class Counting:                 # fitness = distance to a target shape, counting calls per stage
+        evaluations = tokens = 0
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, levels, n_batches=None):
+            self.calls.append(n_batches)
+            self.evaluations += 1
+            return float(np.abs(levels - 1).sum())
+    model = tiny_model("llama", layers=6, intermediate=96)      # enough distinct children per generation
+    parts = ladder(layer_views(model), 0.0625, 1, np.ones(6, dtype=bool))
+    budget = Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
+    rng = np.random.default_rng(0)
+    f = Counting()
+    seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
+    evolve(f, budget, [seed], [1, 4, 16], generations=2, offspring=16, rng=rng, trajectory=[])
+    assert f.calls == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)

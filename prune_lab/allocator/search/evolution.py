@@ -47,9 +47,9 @@ def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list
                 children.append(child)
             if len(children) == offspring:
                 break
-        for n_batches, keep in zip(stage_batches, sizes):
-            values = [fitness(c, n_batches) for c in children]
-            order = np.argsort(values, kind="stable")[:keep]
+        for stage, n_batches in enumerate(stage_batches):       # evaluate sizes[s], keep sizes[s + 1]
+            values = [fitness(c, n_batches) for c in children[:sizes[stage]]]
+            order = np.argsort(values, kind="stable")[:sizes[stage + 1] if stage + 1 < len(sizes) else 1]
             children, values = [children[i] for i in order], [values[i] for i in order]
         if children and values[0] < parent_value:
             parent, parent_value = children[0], values[0]
