@@ -42,7 +42,7 @@ def test_ladder_levels_keep_a_unit_and_the_budget_repairs_to_within_one_step():
     for _ in range(20):
         levels = budget.repair(rng.integers(0, budget.top + 1), rng)
         assert budget.feasible(levels) and (levels <= budget.top).all() and (levels >= 0).all()
-    assert budget.feasible(budget.project(np.ones(len(parts))))
+    assert budget.feasible(budget.repair(budget.project(np.ones(len(parts))), rng))
 
 
 def test_every_level_is_the_least_squares_refit_of_its_greedy_units(arch):

@@ -1,5 +1,6 @@
-"""The parameter budget over the level ladder: a candidate (one level per part) is feasible when the
-parameters it removes are within one step of the target (the largest level step of any part)."""
+"""The parameter budget over the level ladder: a candidate (one level per part) is feasible when it
+removes at most the target and at most one step less (the largest level step of any part), so that
+candidates compare at (almost) the same size; the plan is then made exact with single MLP channels."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,13 +18,13 @@ class Budget:
         return removed_params(self.parts, levels)
 
     def feasible(self, levels: np.ndarray) -> bool:
-        return abs(self.params(levels) - self.target) <= self.slack
+        return -self.slack <= self.params(levels) - self.target <= 0
 
     def repair(self, levels: np.ndarray, rng: np.random.Generator, keep: int | None = None) -> np.ndarray:
         """Random single-level moves (never undoing part `keep`) until the budget holds; in place."""
         for _ in range(100 * len(levels)):
             over = self.params(levels) - self.target
-            if abs(over) <= self.slack:
+            if -self.slack <= over <= 0:
                 return levels
             movable = np.flatnonzero(levels > 0) if over > 0 else np.flatnonzero(levels < self.top)
             movable = movable[movable != keep] if keep is not None and len(movable) > 1 else movable
