@@ -38,9 +38,9 @@ def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list
     parent, parent_value = seeds[best], best_value
     trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     sizes = stage_survivors(offspring, len(stage_batches))
-    for _ in range(generations):
+    for _generation in range(generations):
         children, seen = [], {parent.tobytes()}
-        for _ in range(10 * offspring):                       # distinct children, different from the parent
+        for _attempt in range(10 * offspring):                # distinct children, different from the parent
             child = mutate(parent, budget, rng)
             if child.tobytes() not in seen:
                 seen.add(child.tobytes())
