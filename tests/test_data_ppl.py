@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import SHARED, needs_shared, tiny_model, tokens
 from prune_lab.data import Calibration, HubText, LocalText, WikiVital, load_named
 from prune_lab.errors import DataUnavailable, PruneLabError
-from prune_lab.eval.ppl import perplexity, windows
+from prune_lab.eval.ppl import perplexities, perplexity, windows
 
 
 def test_wiki_vital_is_bundled_and_split():
@@ -87,6 +87,20 @@ def test_perplexity_matches_a_hand_computation():
     got = perplexity(model, stream, seq_len=20, batch_size=2, progress=False)
     assert got == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, stream, seq_len=20, batch_size=5, progress=False) == pytest.approx(got, rel=1e-5)
+
+
+def test_prefix_windows_equal_a_separate_max_windows_evaluation():
+    model = tiny_model("llama")
+    stream = tokens(1, 20 * 16 + 7, seed=5)[0]               # 16 windows of 20 tokens + a remainder
+    got = perplexities(model, stream, seq_len=20, batch_size=4, prefix_windows=[8, 3], progress=False)
+    assert list(got) == [None, 8, 3]
+    assert got[None] == perplexity(model, stream, seq_len=20, batch_size=4, progress=False)
+    assert got[8] == pytest.approx(perplexity(model, stream, 20, 4, max_windows=8, progress=False), rel=1e-9, abs=0)
+    # a prefix inside a batch: the same per-window sums (batch composition may move the last ulp)
+    assert got[3] == pytest.approx(perplexity(model, stream, 20, 4, max_windows=3, progress=False), rel=1e-6)
+    assert got[8] != got[None] and got[3] != got[8]
+    with pytest.raises(PruneLabError, match="prefix_windows: 17 windows asked"):
+        perplexities(model, stream, seq_len=20, batch_size=4, prefix_windows=[17], progress=False)
 
 
 @pytest.mark.lab

@@ -12,7 +12,7 @@ from omegaconf import MISSING, OmegaConf
 from conftest import CONF
 from prune_lab import schema
 from prune_lab.eval.efficiency import efficiency
-from prune_lab.eval.ppl import perplexity
+from prune_lab.eval.ppl import perplexities
 from prune_lab.eval.zeroshot import zero_shot
 
 # (group, option) -> the keys whose YAML value deliberately differs from the schema/__init__ default
@@ -30,10 +30,10 @@ PRESETS = {
     ("eval", "zeroshot"): {"zeroshot.tasks"},
     **{("reconstruct", m): {"mode"} for m in ("bias", "lstsq", "none")},
 }
-NESTED = {schema.PPLConf: perplexity, schema.ZeroShotConf: zero_shot, schema.EfficiencyConf: efficiency}
-SUPPLIED = {perplexity: ("model", "stream"), zero_shot: ("model", "tokenizer"), efficiency: ("model", "tokenizer")}
+NESTED = {schema.PPLConf: perplexities, schema.ZeroShotConf: zero_shot, schema.EfficiencyConf: efficiency}
+SUPPLIED = {perplexities: ("model", "stream"), zero_shot: ("model", "tokenizer"), efficiency: ("model", "tokenizer")}
 SECTIONS = {"ppl": schema.PPLConf, "zeroshot": schema.ZeroShotConf, "efficiency": schema.EfficiencyConf}
-EVALUATOR_KEYS = {schema.PPLConf: {"datasets", "split"}}     # read by Evaluator itself, not perplexity()
+EVALUATOR_KEYS = {schema.PPLConf: {"datasets", "split"}}     # read by Evaluator itself, not perplexities()
 
 
 def target(path: str):

@@ -109,6 +109,19 @@ def test_ppl_over_job_data_and_a_named_dataset(tmp_path, tokenizer):
     assert out["ppl/data"] != out["ppl/wiki_vital"]
 
 
+def test_prefix_windows_report_the_first_n_windows_from_the_same_pass(tokenizer):
+    cfg = compose_job("eval.ppl.seq_len=32", "eval.ppl.batch_size=4", "eval.ppl.max_windows=12",
+                      "eval.ppl.prefix_windows=[4]")
+    evaluator = instantiate(cfg.eval, _convert_="all")
+    model, streams, data = tiny_model("llama", layers=2), TokenStreams(tokenizer), WikiVital()
+    out = evaluator(model, tokenizer, {"data": data}, streams)
+    assert list(out) == ["ppl/data", "ppl/data@4"]             # the objective (first ppl/ key) stays ppl/data
+    stream = streams(data, "test")
+    assert out["ppl/data"] == perplexity(model, stream, 32, 4, 12, progress=False)
+    assert out["ppl/data@4"] == pytest.approx(perplexity(model, stream, 32, 4, 4, progress=False), rel=1e-9, abs=0)
+    assert compose_job().eval.ppl.prefix_windows == []          # default: no extra metric
+
+
 def test_eval_configs_compose():
     full = compose_job("eval=full").eval
     assert full.ppl.datasets == ["data"] and full.efficiency.gen_tokens == 32 and full.zeroshot.tasks == []

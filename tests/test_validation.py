@@ -59,6 +59,8 @@ def test_verify_prints_a_verdict_and_fails_the_run_beyond_the_tolerance(tmp_path
     ("eval.ppl.seq_len=1", "seq_len must be >= 2"),
     ("eval.ppl.batch_size=0", "batch_size must be >= 1"),
     ("eval.ppl.max_windows=-1", "max_windows must be >= 1"),
+    ("eval.ppl.prefix_windows=[0]", "prefix_windows must be distinct window counts >= 1"),
+    ("eval.ppl.max_windows=3 eval.ppl.prefix_windows=[4]", "exceeds eval.ppl.max_windows=3"),
     ("eval.ppl.datasets=[]", "datasets is empty"),
     ("eval.ppl.datasets=[data,wikitext3]", "unknown dataset 'wikitext3'"),
     ("allocator.layer_start=2 allocator.layer_end=1", "empty or negative"),
@@ -82,6 +84,7 @@ def test_a_dataset_name_is_never_a_path(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("eval.ppl.seq_len=100000", "fewer than eval.ppl.seq_len=100000"),
+    ("eval.ppl.max_windows=null eval.ppl.prefix_windows=[100000]", "prefix_windows: 100000 windows asked"),
     ("allocator.layer_end=9", "outside the model's 3 layers"),
     ("data.test=EMPTY", "an empty split"),
 ])
@@ -89,7 +92,7 @@ def test_errors_that_need_the_model_or_data_come_before_scoring(tmp_path, overri
     (tmp_path / "empty.txt").write_text("")
     override = override.replace("EMPTY", str(tmp_path / "empty.txt"))
     with pytest.raises(PruneLabError, match=message):
-        run(small_job(tmp_path, override), tmp_path / "run")
+        run(small_job(tmp_path, *override.split()), tmp_path / "run")
     m = metrics(tmp_path / "run")
     assert m["status"] == "failed" and "load" in m["timings_s"] and "score" not in m["timings_s"]
 

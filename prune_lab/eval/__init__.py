@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .checks import check_ppl_data, check_ppl_settings
-from .ppl import perplexity
+from .ppl import perplexities, perplexity
 
 
 class Evaluator:
@@ -25,8 +25,10 @@ class Evaluator:
             cfg = self.ppl
             for name in cfg["datasets"]:
                 stream = streams(datasets[name], cfg["split"])
-                out[f"ppl/{name}"] = perplexity(model, stream, cfg["seq_len"], cfg["batch_size"],
-                                                cfg.get("max_windows"), desc=f"ppl {name} {tag}".strip())
+                got = perplexities(model, stream, cfg["seq_len"], cfg["batch_size"], cfg.get("max_windows"),
+                                   cfg.get("prefix_windows") or (), desc=f"ppl {name} {tag}".strip())
+                out[f"ppl/{name}"] = got.pop(None)          # first: the job's objective (JobResult.ppl)
+                out |= {f"ppl/{name}@{n}": v for n, v in got.items()}
         if self.zeroshot and self.zeroshot.get("tasks"):     # eval=full: tasks [] = zero-shot off
             from .zeroshot import zero_shot
             out.update(zero_shot(model, tokenizer, **self.zeroshot))

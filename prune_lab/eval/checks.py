@@ -14,6 +14,11 @@ def check_ppl_settings(ppl: dict) -> None:
         raise PruneLabError(f"eval.ppl.batch_size must be >= 1, got {batch_size}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise PruneLabError(f"eval.ppl.max_windows must be >= 1, or null for every window; got {max_windows}")
+    prefixes = list(ppl.get("prefix_windows") or [])
+    if any(not isinstance(n, int) or n < 1 for n in prefixes) or len(set(prefixes)) != len(prefixes):
+        raise PruneLabError(f"eval.ppl.prefix_windows must be distinct window counts >= 1, got {prefixes}")
+    if max_windows and any(n > max_windows for n in prefixes):
+        raise PruneLabError(f"eval.ppl.prefix_windows {prefixes} exceeds eval.ppl.max_windows={max_windows}")
     if ppl.get("split") not in SPLITS:
         raise PruneLabError(f"eval.ppl.split must be one of {', '.join(SPLITS)}; got {ppl.get('split')}")
     names = list(ppl.get("datasets") or [])
@@ -31,3 +36,7 @@ def check_ppl_data(ppl: dict, eval_sets: dict, streams) -> None:
         if n < ppl["seq_len"]:
             raise PruneLabError(f"eval.ppl: the {ppl['split']} split of '{name}' has {n} tokens, fewer than "
                                 f"eval.ppl.seq_len={ppl['seq_len']}{' (an empty split)' if n <= 1 else ''}")
+        want = max(ppl.get("prefix_windows") or [0])
+        if n // ppl["seq_len"] < want:
+            raise PruneLabError(f"eval.ppl.prefix_windows: {want} windows asked, the {ppl['split']} split of "
+                                f"'{name}' holds {n // ppl['seq_len']} of {ppl['seq_len']} tokens")

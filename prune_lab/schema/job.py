@@ -26,6 +26,7 @@ class PPLConf:
     seq_len: int = 256
     batch_size: int = 16
     max_windows: Optional[int] = None
+    prefix_windows: List[int] = field(default_factory=list)   # also the PPL of the first n windows, same pass
 
 
 @dataclass
