@@ -215,8 +215,7 @@ def render(rows: dict) -> str:
 
 def readme_table(rows: dict) -> str:
     """The compact table of the README section: measured rows only, then the peers'."""
-    out = [f"| row | PPL @{PREFIX} | PPL @216 | removed | job time (s) | command (`python -m prune_lab model=smollm2_135m "
-           f"eval.ppl.prefix_windows=[{PREFIX}] output.plots=false` + ) |", "|---|---|---|---|---|---|"]
+    out = [f"| row | PPL @{PREFIX} | PPL @216 | removed (ratio) | job time (s) | overrides |", "|---|---|---|---|---|---|"]
     for name in ROWS:
         r = rows.get(name)
         if not r or r.get("status") != "ok":

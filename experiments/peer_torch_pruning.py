@@ -15,7 +15,7 @@ whole heads (prune_num_heads, no head dims), lm_head ignored, round_to=4, per-la
 - "heads+mlp, magnitude": the same, but o_proj / down_proj / the embedding are ignored roots, so the hidden
   size is kept and only heads and MLP channels go (what prune_lab removes);
 - "heads+mlp, taylor": that, with GroupTaylorImportance from gradients of prune_lab's calibration batches.
-Results: experiments/results/torch_pruning_smollm2_135m.json (rendered by bench_real.py); an exception is
+Results: experiments/results/torch_pruning_<model>.json (smollm2_135m's rendered by bench_real.py); an exception is
 recorded exactly (type and first line) as the row's error.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "experiments" / "results" / "torch_pruning_smollm2_135m.json"
+RESULTS = REPO / "experiments" / "results"
 PREFIX = 64
 SETTINGS = ["example", "heads+mlp, magnitude", "heads+mlp, taylor"]
 
@@ -167,10 +167,8 @@ def main() -> None:
         got = perplexities(m, test, 256, 16, args.windows, [PREFIX], progress=False)
         return {"ppl": got[None], f"ppl@{PREFIX}": got[PREFIX]}
 
-    rows = {r["setting"]: r for r in json.loads(OUT.read_text())} if OUT.exists() else {}
-    if "dense" not in rows:
-        rows["dense"] = {"setting": "dense", **ppl(dense), "versions": versions}
-        OUT.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+    out = RESULTS / f"torch_pruning_{args.model}.json"
+    rows = {r["setting"]: r for r in json.loads(out.read_text())} if out.exists() else {}
     before = decoder_linear_params(dense)
     for setting in args.only.split(",") if args.only else SETTINGS:
         model = copy.deepcopy(dense)
@@ -187,6 +185,8 @@ def main() -> None:
                     "removed": f"{(before - after) / 1e6:.2f}M ({(before - after) / before:.3f}) decoder linear; "
                                f"shapes {shapes(model)}"}
             row |= ppl(model.eval())
+            if "dense" not in rows:           # the check of this load, once something was pruned
+                rows["dense"] = {"setting": "dense", **ppl(dense), "versions": versions}
         except Exception as e:               # noqa: BLE001  the exact error is the result
             row |= {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:600],
                     "traceback": traceback.format_exc()[-3000:]}
@@ -194,7 +194,7 @@ def main() -> None:
         row["graph_timeout_s"] = args.graph_timeout
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         rows[row["setting"]] = row
-        OUT.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+        out.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
         del model
 
 
