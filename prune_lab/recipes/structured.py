@@ -124,6 +124,8 @@ def check_before_scoring(job: Job, parts: Parts, views) -> None:
     if parts.prunes:
         check_alignment(views, parts.allocator.multiple_of)      # multiple_of fits every layer
         parts.allocator.eligible(views)      # layer range, eval windows
+    if parts.wants_layers:
+        parts.layer_importance.check_model(views)                # layer_importance=file: its layer count
 
 
 def score(job: Job, parts: Parts):
@@ -138,22 +140,27 @@ def score(job: Job, parts: Parts):
     with record.stage("score"):
         record["data_fingerprint"] = {"calibration": job.dataset.fingerprint(job.calibration.split)}
         fingerprint = model_fingerprint(job.model)
+        origin = {"model": fingerprint}         # scores.safetensors' metadata: what the scores were computed on
         if parts.wants_units:
             batches = job.calibration_batches()
-            key = cache_key(model=fingerprint, tokens=tokens_fingerprint(batches), seed=cfg.seed,
+            tokens = tokens_fingerprint(batches)
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
                             importance=OmegaConf.to_container(cfg.importance, resolve=True))
             scores, record["scores"]["reused"] = cache.unit_scores(
                 key, lambda: parts.importance(job.model, batches, cfg.seed), enabled=parts.importance.cacheable)
             scores.check_finite()
+            origin |= parts.importance.origin(fingerprint, tokens)
         if parts.wants_layers:
             layer_batches = job.calibration_batches(parts.layer_importance.n_samples)
-            key = cache_key(model=fingerprint, tokens=tokens_fingerprint(layer_batches), seed=cfg.seed,
+            tokens = tokens_fingerprint(layer_batches)
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
                             layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
             layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
                 key, lambda: parts.layer_importance(job.model, layer_batches),
                 enabled=parts.layer_importance.cacheable)
+            origin |= parts.layer_importance.origin(tokens)
     if cfg.output.save_scores:
-        save_scores(job.run_dir / "scores.safetensors", scores, layer_scores)
+        save_scores(job.run_dir / "scores.safetensors", scores, layer_scores, origin)
     return scores, layer_scores
 
 
