@@ -111,9 +111,15 @@ def build_parts(job: Job) -> Parts:
     if parts.allocator is not None and parts.allocator.needs_layer_importance and parts.layer_importance is None:
         raise PruneLabError(f"{type(parts.allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
-    if parts.allocator is None and cfg.output.save_model:
-        raise PruneLabError("output.save_model=true with allocator=none: an analyse-only job prunes nothing "
-                            "to save (choose an allocator, or drop output.save_model)")
+    if parts.allocator is None:         # analyse only: what needs a pruned model is refused, not skipped
+        asked = (("output.save_model", "true", cfg.output.save_model, "save"),
+                 ("output.export", "hf", cfg.output.export, "export"),
+                 ("finetune", type(job.finetuner).__name__.lower(), job.finetuner.enabled, "recover"),
+                 ("verify", "true", cfg.verify, "verify"))
+        for key, value, on, verb in asked:
+            if on:
+                raise PruneLabError(f"{key}={value} with allocator=none: an analyse-only job prunes nothing to "
+                                    f"{verb} (choose an allocator, or drop {key})")
     return parts
 
 
@@ -206,7 +212,7 @@ def reconstruct(job: Job, parts: Parts, plan: PruningPlan | None) -> PruningPlan
 
 def prune(job: Job, parts: Parts, plan: PruningPlan | None) -> None:
     """Slice the plan away (verify=true: prove the pruned logits equal the masked dense model's)."""
-    if parts.prunes:
+    if parts.prunes or (job.cfg.verify and plan is not None):     # verify=true at ratio 0: the empty plan
         with job.record.stage("prune"):
             dense_copy = copy.deepcopy(job.model) if job.cfg.verify else None
             apply_plan(job.model, plan)
