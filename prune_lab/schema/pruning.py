@@ -31,6 +31,7 @@ class FlapConf(ImportanceConf):
 class FileImportanceConf(ImportanceConf):
     _target_: str = "prune_lab.importance.FromFile"
     path: str = MISSING
+    allow_other_model: bool = False          # scores recorded for another model: a warning, not an error
 
 
 @dataclass
