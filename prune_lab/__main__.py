@@ -12,14 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 import yaml  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import CompactHydraException, InstantiationException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException  # noqa: E402
 
 from . import schema  # noqa: E402
 from .artifacts.rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
 from .artifacts.rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
 from .errors import BudgetError, PruneLabError  # noqa: E402
 from .recipes import run  # noqa: E402
+from .recipes.common import instantiation_error  # noqa: E402
 from .study.job import Outcome, PlanMemo, in_study, job_outcome  # noqa: E402
 from .study.objective import n_objectives, objective_values, register_resolvers  # noqa: E402
 
@@ -64,11 +67,8 @@ def took(seconds: float) -> str:
 
 
 # Hydra >= 1.4 asks which config `_target_`s may be instantiated; add your own components' modules
-# with PRUNE_LAB_TRUSTED_TARGETS="mypkg.*,other.Class".
-TRUSTED_TARGETS = ("prune_lab.*", *filter(None, os.environ.get("PRUNE_LAB_TRUSTED_TARGETS", "").split(",")))
-
-
-@hydra.main(config_path=str(CONF), config_name="config", execution_whitelist=TRUSTED_TARGETS)
+# with PRUNE_LAB_TRUSTED_TARGETS="mypkg.*,other.Class" (the jobs' components use the same list).
+@hydra.main(config_path=str(CONF), config_name="config", execution_whitelist=schema.trusted_targets())
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | Outcome | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -97,12 +97,44 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float] | Outcome | None:
     return job_outcome(values, result, run_dir, memo) if study else values
 
 
+def one_line(e: Exception) -> str | None:
+    """What Hydra raises before or around the job for bad input (a misspelt key or option, a refused
+    `_target_` of hydra.callbacks/sweeper, a sweeper setting), as one line; None for anything else."""
+    cause = e.__cause__
+    if isinstance(e, PruneLabError):
+        return str(e)
+    if isinstance(e, InstantiationException):
+        return str(cause) if isinstance(cause, PruneLabError) else instantiation_error(e)
+    if isinstance(e, CompactHydraException):
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
+            return schema.unknown_key(cause.full_key, cause.parent_node.keys())
+        text = str(e).split("Config search path:")[0]
+        if isinstance(cause, OmegaConfBaseException):
+            text += f": {str(cause).splitlines()[0]}"
+        return " ".join(text.split())
+    return None
+
+
 def main() -> None:
-    """Entry point of `python -m prune_lab` and `prune-lab`: our --help, else Hydra."""
+    """Entry point of `python -m prune_lab` and `prune-lab`: our --help, else Hydra. Hydra re-raises
+    (HYDRA_FULL_ERROR) what fails outside the job, so bad input there is one line and exit 2 too;
+    a user who set HYDRA_FULL_ERROR=1 gets Hydra's own full tracebacks."""
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(help_text())
         return
-    hydra_main()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except Exception as e:
+        line = one_line(e)
+        if line is None:
+            raise
+        print(f"prune_lab: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

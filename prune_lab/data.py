@@ -69,7 +69,11 @@ class LocalText(TextDataset):
         p = Path(path).expanduser()
         if not p.is_file():
             raise PruneLabError(f"data.{split} file '{path}' does not exist")
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PruneLabError(f"data.{split} file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                                f"at offset {e.start}): convert it, e.g. iconv -t utf-8") from None
 
 
 class HubText(TextDataset):

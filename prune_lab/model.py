@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .artifacts.checkpoint import load_pruned
-from .artifacts.gguf_read import default_cache_dir, packaged_file, require_gguf
+from .artifacts.checkpoint import load_pruned, refuse_per_layer
+from .artifacts.gguf_read import check_file, default_cache_dir, packaged_file, require_gguf
 from .cache.gguf import describe, load_gguf
 from .core.adapter import check_supported, resolve_device
 from .errors import PruneLabError
@@ -62,9 +62,12 @@ class HFModel:
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                  revision: str | None = None, tokenizer: str | None = None):
         self.path, self.tokenizer_path = str(path), str(tokenizer or path)
-        self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
+        self.dtype, self.device = resolve_dtype(dtype), resolve_device(device, "model.device")
         self.attn_implementation, self.revision = attn_implementation, revision
         self.trust_remote_code = trust_remote_code
+        tok = Path(self.tokenizer_path).expanduser()
+        if _looks_local(self.tokenizer_path) and tok.is_dir() and not [*tok.glob("tokenizer*"), *tok.glob("vocab*")]:
+            raise PruneLabError(f"'{tok}' holds no tokenizer files: name one with model.tokenizer=<dir or hub id>")
 
     @property
     def name(self) -> str:
@@ -80,6 +83,7 @@ class HFModel:
 
     def load(self):
         self._check_path()
+        refuse_per_layer(self.path)          # a prune_lab checkpoint only its manifest rebuilds: model=pruned
         path = str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
         with load_errors(self.path):
             model = AutoModelForCausalLM.from_pretrained(
@@ -117,21 +121,22 @@ def _embedded_names() -> str:
 
 
 class RandomModel(HFModel):
-    """A tiny randomly initialised model built from config (no download), for tests and dry runs.
-
-    Uses the embedded lab tokenizer, so vocab_size must be >= its 8192 tokens.
-    """
+    """A tiny randomly initialised model built from config (no download; the lab tokenizer), for tests and dry runs."""
 
     def __init__(self, arch: str = "llama", hidden_size: int = 64, num_hidden_layers: int = 2,
                  num_attention_heads: int = 8, num_key_value_heads: int = 2, head_dim: int = 8,
                  intermediate_size: int = 96, vocab_size: int = 8192, attention_bias: bool = False,
                  seed: int = 0, **kwargs):
         super().__init__(path=str(ASSETS / "lab-llama"), **kwargs)
+        _check_family(arch)
         self.arch, self.seed = arch, seed
-        self.shape = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                          num_attention_heads=num_attention_heads, head_dim=head_dim,
-                          num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
-                          intermediate_size=intermediate_size, attention_bias=attention_bias)
+        sizes = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                     num_attention_heads=num_attention_heads, head_dim=head_dim,
+                     num_key_value_heads=num_key_value_heads, vocab_size=vocab_size, intermediate_size=intermediate_size)
+        if min(sizes.values()) < 1 or (arch != "opt" and num_attention_heads % num_key_value_heads):
+            raise PruneLabError(f"model=random needs sizes >= 1 and num_attention_heads a multiple of "
+                                f"num_key_value_heads (whole GQA groups), got {sizes}")
+        self.shape = dict(sizes, attention_bias=attention_bias)
 
     @property
     def name(self) -> str:
@@ -156,7 +161,10 @@ class RandomModel(HFModel):
         return model.to(self.device).eval()
 
     def load(self):
-        return self.build(), self.load_tokenizer()
+        tokenizer = self.load_tokenizer()
+        if len(tokenizer) > self.shape["vocab_size"]:
+            raise PruneLabError(f"model.vocab_size={self.shape['vocab_size']} < the lab tokenizer's {len(tokenizer)} tokens")
+        return self.build(), tokenizer
 
 
 class PrunedModel(HFModel):
@@ -195,10 +203,10 @@ class PrunedModel(HFModel):
 class GGUFModel(HFModel):
     """A GGUF file (llama.cpp's format), dequantized to `dtype` by transformers, its tokenizer from the
     same file (or from model.tokenizer). The converted HF weights are cached content-keyed under
-    `cache_dir` (None: $PRUNE_LAB_CACHE or ~/.cache/prune_lab); see prune_lab/cache/gguf.py.
-    """
+    `cache_dir` (None: $PRUNE_LAB_CACHE or ~/.cache/prune_lab); see prune_lab/cache/gguf.py."""
 
     def __init__(self, path: str, cache_dir: str | None = None, use_cache: bool = True, **kwargs):
+        check_file(path)                            # a missing or foreign file fails when the job is built
         super().__init__(path=path, **kwargs)
         if self.revision is not None:
             raise PruneLabError("model.revision does not apply to a GGUF file (model=gguf reads a local file)")

@@ -197,8 +197,8 @@ def test_cli_verify_proves_the_executor_with_compensated_weights(mode, tmp_path)
 
 
 @pytest.mark.parametrize("override,message", [
-    ("reconstruct.damp=0", "reconstruct.damp must be > 0"),
-    ("reconstruct.damp=-0.5", "reconstruct.damp must be > 0"),
+    ("reconstruct.damp=0", "reconstruct.damp must be in (0, 1)"),
+    ("reconstruct.damp=-0.5", "reconstruct.damp must be in (0, 1)"),
     ("calibration.n_samples=1", "needs at least 64 calibration tokens"),
 ])
 def test_bad_reconstruct_input_is_one_line_exit_2(override, message, tmp_path):

@@ -334,3 +334,13 @@ def test_pareto_study_writes_its_front_with_few_trials_and_many_infeasible_point
     runs = [json.loads(p.read_text()) for p in (tmp_path / "pareto").glob("*/metrics.json")]
     ok = [m for m in runs if m["status"] == "ok"]
     assert sorted(float(m["model"]["pruned"]["params_total"]) for m in ok) == sorted(n for _, n in feasible)
+
+
+def test_a_setting_added_after_the_study_was_made_resumes_only_at_its_neutral_value():
+    study = optuna.create_study()
+    check_same_job(study, {"allocator.ratio": "0.25"})
+    check_same_job(study, {"allocator.ratio": "0.25", "eval.ppl.prefix_windows": "[]"})     # a newer key, unset
+    with pytest.raises(PruneLabError, match="eval.ppl.prefix_windows"):
+        check_same_job(study, {"allocator.ratio": "0.25", "eval.ppl.prefix_windows": "[64]"})
+    with pytest.raises(PruneLabError, match="allocator.ratio"):
+        check_same_job(study, {"allocator.ratio": "0.5"})

@@ -49,7 +49,7 @@ def test_analyse_once_then_prune_from_the_saved_scores(tmp_path, job):
     with pytest.raises(PruneLabError, match="does not exist"):   # at build time, before loading the model
         run(job("importance=file", f"importance.path={tmp_path}/nowhere"), tmp_path / "bad")
     (tmp_path / "not_scores.safetensors").write_text("hello")
-    with pytest.raises(PruneLabError, match="not a unit-score file"):
+    with pytest.raises(PruneLabError, match="not a safetensors score file"):
         run(job("importance=file", f"importance.path={tmp_path}/not_scores.safetensors"), tmp_path / "bad2")
 
 

@@ -4,8 +4,9 @@ from .base import Allocator, parse_distribution
 from .depth import Depth
 from .global_table import Global, unit_table
 from .layerwise import Layerwise
+from .search import Search
 from .uniform import Uniform
 from .uniform_shape import UniformShape
 
-__all__ = ["Allocator", "Uniform", "UniformShape", "Layerwise", "Global", "Depth", "unit_table",
+__all__ = ["Allocator", "Uniform", "UniformShape", "Layerwise", "Global", "Depth", "Search", "unit_table",
            "parse_distribution", "align_plan", "check_alignment"]

@@ -47,11 +47,14 @@ def largest_remainder(ideal: np.ndarray, total: int, cap: np.ndarray) -> np.ndar
 
 
 class Allocator:
-    """Contract with the pipeline: the two `needs_*` flags say which scores __call__ reads,
-    `removes_nothing` lets a ratio-0 job skip scoring, `table` is the unit table if one was built."""
+    """Contract with the recipe: the two `needs_*` flags say which scores __call__ reads,
+    `removes_nothing` lets a ratio-0 job skip scoring, `table` is the unit table if one was built;
+    `searches`: the plan comes from `search(model, batches, engine, scores, views, run_dir)` (which
+    also needs the calibration data and the engine) instead of __call__, with `summary` for metrics."""
 
     needs_layer_importance = False
     needs_unit_scores = True
+    searches = False
     table: pd.DataFrame | None = None
 
     def __init__(self, ratio: float = 0.25, layer_start: int = 0, layer_end: int | None = None,
@@ -79,6 +82,9 @@ class Allocator:
         mask = np.zeros(n, dtype=bool)
         mask[self.layer_start:end] = True
         return mask
+
+    def check_calibration(self, n_tokens: int) -> None:
+        """Fail before any heavy work when the calibration set is too small for this allocator."""
 
     def target(self, views: list[LayerView]) -> int:
         return int(round(self.ratio * sum(v.num_params for v in views)))

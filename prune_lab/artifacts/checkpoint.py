@@ -127,6 +127,19 @@ def read_config(path: Path):
     return config, manifest
 
 
+def refuse_per_layer(path: str) -> None:
+    """model=hf of a prune_lab checkpoint whose layers differ in shape (or that added biases): transformers
+    cannot build it from config.json, its manifest can (model=pruned)."""
+    try:
+        manifest = json.loads((Path(path).expanduser() / CONFIG).read_text()).get("prune_lab") or {}
+        layers = manifest.get("layers") or []
+    except (OSError, ValueError, AttributeError):     # no such file, not JSON, not a manifest: not ours
+        return
+    if len({json.dumps(s, sort_keys=True) for s in layers}) > 1 or manifest.get("added_biases"):
+        raise CheckpointError(f"'{path}' is a prune_lab checkpoint with per-layer shapes or added biases: "
+                              f"load it with model=pruned model.path={path}")
+
+
 def weight_shapes(file: Path) -> tuple[dict[str, tuple], dict[str, str]]:
     """Tensor shapes and aliases from the safetensors header (reads no weights)."""
     try:

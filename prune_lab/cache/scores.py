@@ -22,29 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..core.fingerprint import hash_tensor, new_hash
+from ..core.fingerprint import model_fingerprint, tokens_fingerprint  # noqa: F401  (the cache keys' parts)
 from ..core.scores import UnitScores
+from ..errors import PruneLabError
 
 log = logging.getLogger("prune_lab")
 _MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 CHECKSUM = "prune_lab_checksum"
-_CHUNK = 1 << 26                 # elements per host copy when hashing a device tensor
-
-
-def new_hash():
-    """xxh3-128 (~10 GB/s; xxhash ships with `datasets`), else sha256 (~0.5 GB/s)."""
-    try:
-        import xxhash
-        return xxhash.xxh3_128()
-    except ImportError:
-        return hashlib.sha256()
-
-
-def hash_tensor(h, t: torch.Tensor) -> None:
-    """Feed dtype, shape and the raw bytes of `t` to the hash (no Python loop over elements)."""
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    flat = t.detach().reshape(-1)
-    for chunk in (flat,) if flat.device.type == "cpu" else flat.split(_CHUNK):
-        h.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -52,26 +37,6 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         h.update(name.encode())
         hash_tensor(h, tensors[name])
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def model_fingerprint(model) -> str:
-    """Hash of the config and every parameter's and buffer's bytes (names, dtypes, shapes included)."""
-    h = new_hash()
-    h.update(model.config.to_json_string(use_diff=False).encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(name.encode())
-        hash_tensor(h, t)
-    return f"{type(h).__name__}:{h.hexdigest()}"
-
-
-def tokens_fingerprint(batches: list[torch.Tensor]) -> str:
-    """Hash of the calibration tokens *and* their batching (second-order Taylor depends on it)."""
-    h = hashlib.sha256()
-    for b in batches:
-        h.update(str(tuple(b.shape)).encode())
-        h.update(b.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -144,13 +109,27 @@ class ScoreCache:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
+    def _parsed(self, key: str, parse):
+        """The entry as parse(tensors) returns it, or None. An entry parse cannot use (a tensor missing
+        under a valid checksum) is corrupt too: a warning, then it is recomputed and replaced."""
+        hit = self.get(key)
+        if hit is None:
+            return None
+        try:
+            return parse(hit)
+        except PruneLabError as e:
+            _MEMORY.pop(key, None)
+            log.warning("score cache entry %s is corrupt or truncated (%s): recomputing",
+                        self._path(key) if self.dir else key, e)
+            return None
+
     def unit_scores(self, key: str, compute, enabled: bool = True) -> tuple[UnitScores, bool]:
         """compute() -> UnitScores. Returns (scores, reused); enabled=False: compute, store nothing."""
         if not enabled:
             return compute(), False
-        hit = self.get(key)
+        hit = self._parsed(key, UnitScores.from_tensors)
         if hit is not None:
-            return UnitScores.from_tensors(hit), True
+            return hit, True
         scores = compute()
         self.put(key, scores.to_tensors())
         return scores, False
@@ -158,9 +137,15 @@ class ScoreCache:
     def layer_scores(self, key: str, compute, enabled: bool = True) -> tuple[torch.Tensor, bool]:
         if not enabled:
             return compute(), False
-        hit = self.get(key)
+        hit = self._parsed(key, layer_tensor)
         if hit is not None:
-            return hit["layer"], True
+            return hit, True
         scores = compute()
         self.put(key, {"layer": scores})
         return scores, False
+
+
+def layer_tensor(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "layer" not in tensors or tensors["layer"].dim() != 1:
+        raise PruneLabError("it lacks a 1-D 'layer' tensor")
+    return tensors["layer"]

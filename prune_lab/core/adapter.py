@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import UnsupportedArchitecture
+from ..errors import PruneLabError, UnsupportedArchitecture
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 NO_GATE_FAMILIES = ("opt",)
@@ -183,8 +183,19 @@ def added_biases(model: nn.Module) -> list[str]:
     return names
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" = cuda if available, else cpu."""
+def resolve_device(device: str, key: str) -> torch.device:
+    """"auto" = the accelerator if there is one (cuda), else cpu. A device this torch cannot use fails
+    here, naming its setting `key` (model.device, engine.device), before any model is loaded."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PruneLabError(f"{key}={device} is not a device: use auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cpu":
+        return dev
+    have = torch.accelerator.current_accelerator()
+    if have is None or have.type != dev.type or (dev.index or 0) >= torch.accelerator.device_count():
+        seen = f"{torch.accelerator.device_count()} {have.type} device(s)" if have is not None else "no accelerator"
+        raise PruneLabError(f"{key}={device} is not available (this torch sees {seen}): use {key}=auto or cpu")
+    return dev

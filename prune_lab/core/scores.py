@@ -29,5 +29,16 @@ class UnitScores:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "UnitScores":
+        """attn.0..attn.<n-1> and mlp.0..mlp.<n-1>, each 1-D (other names, e.g. "layer", are ignored);
+        anything else is a PruneLabError naming what is wrong."""
         n = sum(1 for k in t if k.startswith("attn."))
+        names = [f"{kind}.{i}" for kind in ("attn", "mlp") for i in range(n)]
+        lacking = [k for k in names if k not in t]
+        if not n or lacking or sum(1 for k in t if k.startswith("mlp.")) != n:
+            raise PruneLabError("no unit scores (attn.<i>/mlp.<i> tensors)" if not n else
+                                f"unit scores lack {', '.join(lacking[:3]) or 'an attn.<i> for every mlp.<i>'}")
+        flat = [k for k in names if t[k].dim() != 1]
+        if flat:
+            raise PruneLabError(f"unit scores must be 1-D (one per GQA group / MLP channel), "
+                                f"{flat[0]} is {list(t[flat[0]].shape)}")
         return cls([t[f"attn.{i}"] for i in range(n)], [t[f"mlp.{i}"] for i in range(n)])

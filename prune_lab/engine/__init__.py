@@ -48,7 +48,7 @@ class Engine:
                  progress: bool = True):
         if propagate not in PROPAGATE:
             raise PruneLabError(f"engine.propagate must be one of {PROPAGATE}, got '{propagate}'")
-        self.device, self.offload = resolve_device(device), offload
+        self.device, self.offload = resolve_device(device, "engine.device"), offload
         self.propagate, self.progress = propagate, progress
 
     def walk(self, model: nn.Module, batches, method: LayerMethod, propagate: str | None = None, **kwargs):

@@ -16,3 +16,8 @@ class Importance:
 
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
         raise NotImplementedError
+
+    def origin(self, model_fingerprint: str, tokens_fingerprint: str | None) -> dict:
+        """Where the scores come from, for scores.safetensors' metadata (artifacts/scores.py ORIGIN):
+        computed on this job's model and calibration tokens."""
+        return {"model": model_fingerprint, "tokens": tokens_fingerprint}

@@ -16,6 +16,7 @@ from ..core.adapter import layer_views
 from ..core.scores import UnitScores
 from ..engine import Engine, LayerMethod
 from ..engine.hooks import Hooks
+from ..errors import PruneLabError
 from ..reconstruct import refit
 from .base import Importance
 
@@ -86,6 +87,8 @@ class ObsError(Importance):
     name = "obs"
 
     def __init__(self, damp: float = 0.01, weighted: bool = True, chunks: int = 64, engine=None):
+        if chunks < 1:
+            raise PruneLabError(f"importance.chunks must be >= 1 (greedy steps per layer and projection), got {chunks}")
         self.damp, self.weighted, self.chunks, self.engine = damp, weighted, chunks, engine
 
     def __call__(self, model, batches, seed: int = 0) -> UnitScores:

@@ -32,6 +32,13 @@ class LayerImportance:
     def __call__(self, model, batches: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_model(self, views) -> None:
+        """What depends on the loaded model's layers (LayerViews), checked before any scoring."""
+
+    def origin(self, tokens_fingerprint: str | None) -> dict:
+        """Where the scores come from, for scores.safetensors' metadata (artifacts/scores.py ORIGIN)."""
+        return {"layer_tokens": tokens_fingerprint}
+
 
 class _Bypass(nn.Module):
     """Stands in for a decoder layer: returns its input hidden states unchanged."""

@@ -57,7 +57,17 @@ class Unstructured(LayerMethod):
 
     def with_quant(self, quant) -> "Unstructured":
         self.quant = quant
+        if self.asymmetric and not self.needs_gram:
+            raise PruneLabError(f"method.asymmetric={self.asymmetric} would change nothing: it corrects the weights "
+                                f"a sweep updates, and method={self.name} only masks them (it sweeps only with "
+                                f"quant=uniform|mixed): drop method.asymmetric, or add a quant")
         return self
+
+    def check_model(self, views) -> None:
+        """N:M against the input width of every linear (and the sweep's block), before the engine pass."""
+        for view in views:
+            for lin in view_linears(view).values():
+                self.spec.check_width(lin.in_features, self.blocksize if self.needs_gram and self.spec.nm else None)
 
     @property
     def needs_gram(self) -> bool:

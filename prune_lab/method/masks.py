@@ -25,6 +25,9 @@ class SparsitySpec:
                                 f"{self.prune_n}:{self.prune_m}")
         if self.prune_n > self.prune_m:
             raise PruneLabError(f"N:M needs N <= M, got {self.prune_n}:{self.prune_m}")
+        if self.nm and self.prune_n == self.prune_m:
+            raise PruneLabError(f"N:M {self.prune_n}:{self.prune_m} zeros every weight (as method.sparsity=1.0 "
+                                f"would): N must be < M")
 
     @property
     def nm(self) -> bool:

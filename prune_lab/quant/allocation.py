@@ -3,10 +3,13 @@ weighted score, and the allocation of bit widths to channels (quantile, budget, 
 Pure tensor code."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..errors import PruneLabError
+from .grid import check_bits_options
 
 DIMENSIONS = ("activation", "hessian", "weight", "output", "stability")
 ALLOCATIONS = ("quantile", "budget", "threshold3")
@@ -37,9 +40,8 @@ def channel_scores(dims: Tensor, weights: Tensor) -> Tensor:
 
 def check_allocation(bits_options, weights, allocation: str, target_avg_bits: float | None) -> None:
     """Configuration errors, raised when the quantizer is built (before any heavy work)."""
-    if not bits_options or any(int(b) != b or not 1 <= b <= 16 for b in bits_options):
-        raise PruneLabError(f"quant.bits_options must be integers in [1, 16], got {list(bits_options)}")
-    if len(weights) != len(DIMENSIONS) or any(w < 0 for w in weights) or sum(weights) <= 0:
+    check_bits_options(bits_options)
+    if len(weights) != len(DIMENSIONS) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
         raise PruneLabError(f"quant.weights must be {len(DIMENSIONS)} non-negative numbers "
                             f"({'/'.join(DIMENSIONS)}) with a positive sum, got {list(weights)}")
     if allocation not in ALLOCATIONS:
@@ -52,6 +54,16 @@ def check_allocation(bits_options, weights, allocation: str, target_avg_bits: fl
         if target_avg_bits is None or not lo <= target_avg_bits <= hi:
             raise PruneLabError(f"quant.target_avg_bits={target_avg_bits} is outside "
                                 f"[{lo}, {hi}], the range of quant.bits_options")
+
+
+def check_scoring(thresholds, score_power: float) -> None:
+    """quant.thresholds (threshold3: [low, high], low <= high) and quant.score_power (budget: a finite
+    exponent >= 0) -- a NaN or a reversed pair would silently ignore the scores."""
+    if len(thresholds) != 2 or not all(math.isfinite(t) for t in thresholds) or thresholds[0] > thresholds[1]:
+        raise PruneLabError(f"quant.thresholds must be two finite scores [low, high] with low <= high, "
+                            f"got {list(thresholds)}")
+    if not 0 <= score_power < math.inf:
+        raise PruneLabError(f"quant.score_power must be a finite exponent >= 0, got {score_power}")
 
 
 def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,

@@ -8,6 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import PruneLabError
+
+MAX_BITS = 16       # the widest grid a row may get (its levels 2^bits - 1 are exact in float32)
+
+
+def check_bits_options(bits_options) -> None:
+    """The bit widths a row may get (quant.bits_options of every quant option): integers in [1, 16]."""
+    if not bits_options or any(int(b) != b or not 1 <= b <= MAX_BITS for b in bits_options):
+        raise PruneLabError(f"quant.bits_options must be integers in [1, {MAX_BITS}], got {list(bits_options)}")
+
 
 @dataclass
 class RowQuantizer:

@@ -9,6 +9,7 @@ from .allocation import (
     channel_dimensions,
     channel_scores,
     check_allocation,
+    check_scoring,
 )
 from .grid import RowQuantizer, quantize_rtn
 from .uniform import Uniform
@@ -25,6 +26,7 @@ class Mixed(Uniform):
                  thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
                  act_order: bool = False, score_power: float = 1.0):
         check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
+        check_scoring(list(thresholds), float(score_power))
         super().__init__(int(min(bits_options)), sym, group_size, bits_options, act_order)
         self.weights = torch.tensor([float(w) for w in weights])
         self.allocation, self.target_avg_bits = allocation, target_avg_bits

@@ -5,7 +5,7 @@ import torch
 
 from ..errors import PruneLabError
 from .base import Quantizer
-from .grid import RowQuantizer
+from .grid import RowQuantizer, check_bits_options
 
 
 class Uniform(Quantizer):
@@ -15,6 +15,7 @@ class Uniform(Quantizer):
 
     def __init__(self, bits: int = 4, sym: bool = True, group_size: int | None = None,
                  bits_options=(2, 3, 4, 6, 8), act_order: bool = False):
+        check_bits_options(list(bits_options))
         if bits not in bits_options:
             raise PruneLabError(f"quant.bits={bits} is not one of quant.bits_options {list(bits_options)}")
         if group_size is not None and group_size < 1:

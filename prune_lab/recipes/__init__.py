@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..artifacts.record import RunRecord
+from ..schema import check_keys
 from . import structured, unstructured
 from .common import JobResult, build
 
@@ -21,6 +22,7 @@ def run(cfg: DictConfig, run_dir: str | Path, memo=None) -> JobResult:
     run_dir = Path(run_dir)
     record = RunRecord(run_dir)
     try:
+        check_keys(cfg)                 # `+allocator.ratoi=0.3`: a key past the schema, before any work
         method = build(cfg.method)
         result = RECIPES[method.family](cfg, run_dir, record, method, memo)
     except BaseException as e:

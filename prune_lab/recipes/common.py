@@ -6,6 +6,7 @@ each stage records its timing in metrics.json and writes what it owns into the r
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from ..artifacts.checkpoint import save_pruned
 from ..artifacts.export import export_hf
@@ -23,19 +25,39 @@ from ..cache.dense import load_dense
 from ..core.adapter import decoder_linear_params, layer_views
 from ..data import load_named
 from ..errors import PruneLabError
+from ..schema import TRUSTED_ENV, trusted_targets
 
 log = logging.getLogger("prune_lab")
-TARGETS = "prune_lab.*"     # the only `_target_`s a job may instantiate (Hydra's execution whitelist)
 
 
 def build(node, **kwargs):
-    """instantiate(node), surfacing our own PruneLabError instead of Hydra's wrapper."""
+    """instantiate(node) with the trusted `_target_`s, surfacing our own PruneLabError instead of
+    Hydra's wrapper; a mandatory value left unset (`???`) and a refused `_target_` are one line too."""
     try:
-        return instantiate(node, _execution_whitelist_=TARGETS, **kwargs)
+        return instantiate(node, _execution_whitelist_=trusted_targets(), **kwargs)
+    except MissingMandatoryValue as e:
+        raise PruneLabError(f"{e.full_key} must be set: add {e.full_key}=<value> to the command line") from None
     except InstantiationException as e:
         if isinstance(e.__cause__, PruneLabError):
             raise e.__cause__ from None
-        raise
+        line = instantiation_error(e)
+        if line is None:
+            raise
+        raise PruneLabError(line) from None
+
+
+def instantiation_error(e: InstantiationException) -> str | None:
+    """Hydra's refusal of a `_target_` (its execution whitelist) or its failure to locate one, as one
+    line; None when the target itself raised (a bug, whose traceback is kept)."""
+    cause, text = e.__cause__, str(e)
+    if cause is not None and not text.startswith("Error locating target"):
+        return None
+    key = re.search(r"^full_key: (\S+)$", text, re.M)
+    where = f"{key.group(1)}._target_" if key else "_target_"
+    first = re.split(r"(?<=\.)\s", " ".join(x.strip() for x in text.splitlines() if not x.startswith("full_key:")))[0]
+    if cause is not None:
+        return f"{where}: {first} {type(cause).__name__}: {' '.join(str(cause).split())}"
+    return f"{where} refused: {first} (a job instantiates only prune_lab.* and the patterns in {TRUSTED_ENV})"
 
 
 def model_stats(model) -> dict:

@@ -19,6 +19,7 @@ from ..artifacts.layer_table import layer_table, write_layer_table
 from ..artifacts.plots import write_run_plots
 from ..artifacts.reconstruct_errors import write_errors
 from ..artifacts.scores import save_scores
+from ..artifacts.search_plots import write_search_plot
 from ..atomic import atomic_path
 from ..cache.scores import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
 from ..core.adapter import layer_shapes, layer_views
@@ -111,9 +112,15 @@ def build_parts(job: Job) -> Parts:
     if parts.allocator is not None and parts.allocator.needs_layer_importance and parts.layer_importance is None:
         raise PruneLabError(f"{type(parts.allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
-    if parts.allocator is None and cfg.output.save_model:
-        raise PruneLabError("output.save_model=true with allocator=none: an analyse-only job prunes nothing "
-                            "to save (choose an allocator, or drop output.save_model)")
+    if parts.allocator is None:         # analyse only: what needs a pruned model is refused, not skipped
+        asked = (("output.save_model", "true", cfg.output.save_model, "save"),
+                 ("output.export", "hf", cfg.output.export, "export"),
+                 ("finetune", type(job.finetuner).__name__.lower(), job.finetuner.enabled, "recover"),
+                 ("verify", "true", cfg.verify, "verify"))
+        for key, value, on, verb in asked:
+            if on:
+                raise PruneLabError(f"{key}={value} with allocator=none: an analyse-only job prunes nothing to "
+                                    f"{verb} (choose an allocator, or drop {key})")
     return parts
 
 
@@ -124,6 +131,9 @@ def check_before_scoring(job: Job, parts: Parts, views) -> None:
     if parts.prunes:
         check_alignment(views, parts.allocator.multiple_of)      # multiple_of fits every layer
         parts.allocator.eligible(views)      # layer range, eval windows
+        parts.allocator.check_calibration(job.calibration.n_samples * job.calibration.seq_len)
+    if parts.wants_layers:
+        parts.layer_importance.check_model(views)                # layer_importance=file: its layer count
 
 
 def score(job: Job, parts: Parts):
@@ -138,22 +148,27 @@ def score(job: Job, parts: Parts):
     with record.stage("score"):
         record["data_fingerprint"] = {"calibration": job.dataset.fingerprint(job.calibration.split)}
         fingerprint = model_fingerprint(job.model)
+        origin = {"model": fingerprint}         # scores.safetensors' metadata: what the scores were computed on
         if parts.wants_units:
             batches = job.calibration_batches()
-            key = cache_key(model=fingerprint, tokens=tokens_fingerprint(batches), seed=cfg.seed,
+            tokens = tokens_fingerprint(batches)
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
                             importance=OmegaConf.to_container(cfg.importance, resolve=True))
             scores, record["scores"]["reused"] = cache.unit_scores(
                 key, lambda: parts.importance(job.model, batches, cfg.seed), enabled=parts.importance.cacheable)
             scores.check_finite()
+            origin |= parts.importance.origin(fingerprint, tokens)
         if parts.wants_layers:
             layer_batches = job.calibration_batches(parts.layer_importance.n_samples)
-            key = cache_key(model=fingerprint, tokens=tokens_fingerprint(layer_batches), seed=cfg.seed,
+            tokens = tokens_fingerprint(layer_batches)
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
                             layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
             layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
                 key, lambda: parts.layer_importance(job.model, layer_batches),
                 enabled=parts.layer_importance.cacheable)
+            origin |= parts.layer_importance.origin(tokens)
     if cfg.output.save_scores:
-        save_scores(job.run_dir / "scores.safetensors", scores, layer_scores)
+        save_scores(job.run_dir / "scores.safetensors", scores, layer_scores, origin)
     return scores, layer_scores
 
 
@@ -162,8 +177,15 @@ def allocate(job: Job, parts: Parts, views, scores, layer_scores) -> PruningPlan
     allocator, record = parts.allocator, job.record
     if allocator is None:
         return None
+    if allocator.searches and parts.prunes:      # allocator=search: the plan from the level database
+        with record.stage("search"):
+            plan = allocator.search(job.model, job.calibration_batches(), parts.engine, scores, views, job.run_dir)
+        record["search"] = allocator.summary
+        if job.cfg.output.plots:
+            write_search_plot(job.run_dir, allocator.summary)
     with record.stage("allocate"):
-        plan = allocator(scores, views, layer_scores) if parts.prunes else PruningPlan()
+        if not allocator.searches or not parts.prunes:
+            plan = allocator(scores, views, layer_scores) if parts.prunes else PruningPlan()
         if scores is not None:        # depth: whole layers, nothing to align
             plan = align_plan(plan, scores, views, allocator.multiple_of)
         plan.save(job.run_dir / "plan.csv")
@@ -199,7 +221,7 @@ def reconstruct(job: Job, parts: Parts, plan: PruningPlan | None) -> PruningPlan
 
 def prune(job: Job, parts: Parts, plan: PruningPlan | None) -> None:
     """Slice the plan away (verify=true: prove the pruned logits equal the masked dense model's)."""
-    if parts.prunes:
+    if parts.prunes or (job.cfg.verify and plan is not None):     # verify=true at ratio 0: the empty plan
         with job.record.stage("prune"):
             dense_copy = copy.deepcopy(job.model) if job.cfg.verify else None
             apply_plan(job.model, plan)

@@ -15,6 +15,7 @@ from ..artifacts.compression import (
     write_tables,
 )
 from ..atomic import atomic_path
+from ..core.adapter import layer_views
 from ..errors import PruneLabError
 from .common import (
     Job,
@@ -39,6 +40,7 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     engine = build(cfg.engine)
     refuse_structured_options(cfg, method)
     load(job, calibrates=True)
+    method.check_model(layer_views(job.model))     # N:M against the layers' widths, before any work
     evaluate_dense(job)
     summary = compress(job, method, quant, engine)
     results = evaluate(job, tag=method.name)

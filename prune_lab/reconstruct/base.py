@@ -102,8 +102,9 @@ class Reconstruct:
                  residual: bool = True):
         if mode not in MODES:
             raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if not damp > 0 or not math.isfinite(damp):
-            raise PruneLabError(f"reconstruct.damp must be > 0 (relative Gram damping), got {damp}")
+        if not 0 < damp < 1:    # from 1 up the ridge (towards 0) outweighs the data (experiments/reconstruct_damp.py)
+            raise PruneLabError(f"reconstruct.damp must be in (0, 1) (Gram damping relative to its mean diagonal; "
+                                f"from 1 up the refit is worse than reconstruct=none), got {damp}")
         if obs_chunk < 0:
             raise PruneLabError(f"reconstruct.obs_chunk must be >= 0 (0 = automatic), got {obs_chunk}")
         self.mode, self.damp, self.fit_bias, self.obs_chunk = mode, float(damp), fit_bias, obs_chunk

@@ -31,6 +31,7 @@ class FlapConf(ImportanceConf):
 class FileImportanceConf(ImportanceConf):
     _target_: str = "prune_lab.importance.FromFile"
     path: str = MISSING
+    allow_other_model: bool = False          # scores recorded for another model: a warning, not an error
 
 
 @dataclass
@@ -87,6 +88,21 @@ class GlobalConf(AllocatorConf):
 class DepthConf(AllocatorConf):
     _target_: str = "prune_lab.allocator.Depth"
     n_layers: Optional[int] = None
+
+
+@dataclass
+class SearchConf(AllocatorConf):
+    _target_: str = "prune_lab.allocator.Search"
+    searcher: str = "evolution"              # evolution (EvoPress) | optuna
+    fitness: str = "kl"                      # kl (to the dense model) | ppl (on the calibration tokens)
+    fitness_tokens: int = 8192
+    stages: int = 3
+    generations: int = 50
+    offspring: int = 16
+    sampler: str = "cmaes"                   # searcher=optuna: cmaes | tpe | gp
+    mlp_step: float = 0.0625
+    damp: float = 0.01
+    seed: int = 0
 
 
 @dataclass

@@ -34,7 +34,13 @@ class PruneLabOptunaSweeper(Sweeper):
                  n_jobs: int, max_failure_rate: float, custom_search_space: str | None,
                  params: DictConfig | None, constraints: bool, reuse_plans: bool,
                  heartbeat_interval: int) -> None:
+        from ..errors import PruneLabError
         from .sweeper import StudySweeper
+        for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):     # one line each (__main__.py)
+            if not value >= 1:
+                raise PruneLabError(f"hydra.sweeper.{key} must be >= 1, got {value}")
+        if not 0.0 <= max_failure_rate <= 1.0:                               # NaN fails too
+            raise PruneLabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate}")
         self.sweeper = StudySweeper(sampler, direction, storage, study_name, n_trials, n_jobs,
                                     max_failure_rate, custom_search_space, params, constraints,
                                     reuse_plans, heartbeat_interval)

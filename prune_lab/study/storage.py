@@ -165,13 +165,19 @@ def job_settings(config, searched) -> dict[str, str]:
             if not any(k == s or k.startswith(s + ".") for s in (*searched, *IGNORED_KEYS))}
 
 
+NEUTRAL = ("null", "false", "0", "0.0", "[]", "{}", '""')
+
+
 def check_same_job(study, settings: dict[str, str]) -> None:
     """A study serves one job: a resumed or parallel invocation whose settings differ is refused."""
     have = study.user_attrs.get("job_settings")
     if have is None:
         study.set_user_attr("job_settings", settings)
         return
-    differ = sorted(k for k in set(have) | set(settings) if have.get(k) != settings.get(k))
+    # a setting added to prune_lab after the study was made is the same job while it keeps a neutral
+    # value (null, false, 0, empty): the study's jobs ran without that option
+    added = {k for k in set(settings) - set(have) if settings[k] in NEUTRAL}
+    differ = sorted(k for k in (set(have) | set(settings)) - added if have.get(k) != settings.get(k))
     if differ:
         shown = ", ".join(f"{k} ({have.get(k, '-')} -> {settings.get(k, '-')})" for k in differ[:4])
         raise PruneLabError(f"study '{study.study_name}' was made by a job with other settings: {shown}"

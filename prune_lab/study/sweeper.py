@@ -102,8 +102,6 @@ class StudySweeper(OptunaSweeperImpl):
     def __init__(self, sampler: DictConfig, direction, storage, study_name, n_trials, n_jobs,
                  max_failure_rate, custom_search_space, params, constraints: bool = True,
                  reuse_plans: bool = True, heartbeat_interval: int = 60):
-        if not 0.0 <= max_failure_rate <= 1.0:
-            raise PruneLabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate}")
         super().__init__(None, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         self.sampler_cfg, self.constraints, self.heartbeat_interval = sampler, constraints, heartbeat_interval

@@ -1,0 +1,94 @@
+"""allocator=search on lab-llama (and SmolLM2 with --model smollm2_135m): PPL against the one-shot
+allocators, search cost (fitness evaluations x tokens, wall time of the database and the search vs the
+job's obs reconstruct pass), evolution vs Optuna CMA-ES at an equal number of fitness evaluations, and
+KL vs perplexity-on-calibration fitness. Not a test: each row is one CLI job (minutes on 2 cores).
+
+    OMP_NUM_THREADS=2 python experiments/bench_search.py [--model smollm2_135m] [--only NAME,...] [--render]
+
+Writes experiments/results/search_<model>.json (resumable: finished rows are kept) and search.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "experiments" / "results"
+ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
+    "global 25% (default job)": ["allocator.ratio=0.25"],
+    "importance=obs 25%": ["importance=obs", "allocator.ratio=0.25"],
+    "search evolution 25%": ["allocator=search", "allocator.ratio=0.25"],
+    "global 50%": ["allocator.ratio=0.5"],
+    "importance=obs 50%": ["importance=obs", "allocator.ratio=0.5"],
+    "search evolution 50%": ["allocator=search", "allocator.ratio=0.5"],
+    "search optuna (CMA-ES) 50%": ["allocator=search", "allocator.ratio=0.5", "allocator.searcher=optuna"],
+    "search evolution 50%, ppl fitness": ["allocator=search", "allocator.ratio=0.5", "allocator.fitness=ppl"],
+    "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
+}
+
+
+def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
+    run_dir = work / name.replace(" ", "_").replace("%", "").replace(",", "").replace("=", "-").replace("(", "").replace(")", "")
+    args = [f"model={model}", *overrides, "output.plots=false", f"hydra.run.dir={run_dir}"]
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "prune_lab", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    row = {"command": "python -m prune_lab " + " ".join(args[:-2]), "status": m["status"], "wall_s": round(time.time() - start, 1),
+           "ppl": m.get("pruned", {}).get("ppl/data"), "achieved_ratio": m.get("plan", {}).get("achieved_ratio"),
+           "timings_s": m["timings_s"], "error": m.get("error") or (proc.stderr[-500:] if proc.returncode else None)}
+    if "search" in m:
+        s = m["search"]
+        row["search"] = {k: s[k] for k in ("searcher", "fitness_kind", "evaluations", "tokens_evaluated",
+                                           "database_seconds", "search_seconds", "database_bytes", "seed_fitness",
+                                           "best_fitness", "levels", "global_levels")}
+    return row
+
+
+def render(model: str, rows: dict) -> str:
+    lines = [f"# allocator=search on {model} (no recovery, reconstruct=obs, default calibration 64x256)", "",
+             "| job | PPL | ratio | fitness evals | tokens evaluated | database s | search s | reconstruct s | job s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        s, t = r.get("search", {}), r["timings_s"]
+        ppl = f"{r['ppl']:.2f}" if r.get("ppl") else r["status"]
+        lines.append(f"| {name} | {ppl} | {r.get('achieved_ratio') or 0:.4f} | {s.get('evaluations', '')} | "
+                     f"{s.get('tokens_evaluated', '')} | {s.get('database_seconds', '')} | {s.get('search_seconds', '')} | "
+                     f"{t.get('reconstruct', '')} | {t.get('total', '')} |")
+    lines += ["", "Commands:", ""] + [f"- {name}: `{r['command']}`" for name, r in rows.items()]
+    shapes = [(n, r["search"]) for n, r in rows.items() if "search" in r]
+    if shapes:
+        lines += ["", "Chosen shapes (units removed per layer; the global seed in brackets):", ""]
+        for n, s in shapes:
+            lines.append(f"- {n}: attn {s['levels']['attn']} [{s['global_levels']['attn']}], "
+                         f"mlp {s['levels']['mlp']} [{s['global_levels']['mlp']}]; fitness seeds {s['seed_fitness']} "
+                         f"-> best {s['best_fitness']:.5g}; database {s['database_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="lab_llama")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--work", default="/tmp/bench_search")
+    a = ap.parse_args()
+    out = RESULTS / f"search_{a.model}.json"
+    rows = json.loads(out.read_text()) if out.exists() else {}
+    if not a.render:
+        for name, overrides in ROWS.items():
+            if (a.only and name not in a.only.split(",")) or (name in rows and rows[name]["status"] == "ok"):
+                continue
+            rows[name] = run_row(a.model, name, overrides, Path(a.work) / a.model)
+            out.write_text(json.dumps(rows, indent=1))
+            print(name, rows[name]["ppl"], rows[name]["wall_s"], flush=True)
+    (RESULTS / f"search_{a.model}.md").write_text(render(a.model, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""allocator=search: the per-layer shape found by search over compensated levels (EvoPress, Týr-the-Pruner).
+
+1. levels.py: a ladder of levels per layer part (attention: 0..G-1 GQA groups; MLP: steps of
+   `mlp_step` of the width) and, in one dense-path engine pass, every level's units and refit
+   o_proj / down_proj (reconstruct=obs's greedy OBS + least squares), kept on CPU.
+2. fitness.py: KL of the candidate's next-token distribution from the dense model's (or its NLL) on
+   `fitness_tokens` calibration tokens, the candidate assembled by swapping the database's weights in.
+3. evolution.py (EvoPress: level-switch mutations under the budget, multi-stage selection on growing
+   token counts) or optuna_search.py (CMA-ES / TPE / GP over per-part shares projected on the budget).
+Seeds: the `global` plan of the job's importance scores snapped to levels, and the uniform shares.
+The chosen counts (exact to one MLP channel of the budget) then go through the normal pipeline:
+reconstruct=obs refits each layer on its already-pruned predecessors (Týr's error accumulation).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ...core.plan import PruningPlan
+from ...errors import PruneLabError
+from ..base import Allocator
+from ..global_table import Global
+from .budget import Budget
+from .evolution import evolve
+from .fitness import KINDS, Fitness
+from .levels import Database, LevelBuilder, ladder
+from .optuna_search import SAMPLERS, optimise
+
+SEARCHERS = ("evolution", "optuna")
+
+
+class Search(Allocator):
+    searches = True
+
+    def __init__(self, ratio: float = 0.25, searcher: str = "evolution", fitness: str = "kl",
+                 fitness_tokens: int = 8192, stages: int = 3, generations: int = 50, offspring: int = 16,
+                 sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
+                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
+        super().__init__(ratio, layer_start, layer_end, multiple_of)
+        for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
+                                     ("sampler", sampler, SAMPLERS)):
+            if value not in allowed:
+                raise PruneLabError(f"allocator.{name} must be one of {', '.join(allowed)}, got '{value}'")
+        for name, value in (("generations", generations), ("offspring", offspring), ("stages", stages),
+                            ("fitness_tokens", fitness_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise PruneLabError(f"allocator.{name} must be a whole number >= 1, got {value}")
+        if not 0 < mlp_step <= 0.5:
+            raise PruneLabError(f"allocator.mlp_step must be in (0, 0.5] (the MLP share removed per level, "
+                                f"e.g. 0.0625 = 1/16 of the width), got {mlp_step}")
+        if not damp > 0 or not math.isfinite(damp):
+            raise PruneLabError(f"allocator.damp must be > 0 (relative Gram damping), got {damp}")
+        self.searcher, self.fitness_kind, self.fitness_tokens = searcher, fitness, fitness_tokens
+        self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
+        self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
+        self.summary: dict = {}
+
+    def check_calibration(self, n_tokens: int) -> None:
+        if self.fitness_tokens > n_tokens:
+            raise PruneLabError(f"allocator.fitness_tokens={self.fitness_tokens} is more than the calibration "
+                                f"set's {n_tokens} tokens: lower it or raise calibration.n_samples")
+
+    def eligible(self, views) -> np.ndarray:
+        """The layer range, and (before any scoring) whether the ladder can meet the ratio at all."""
+        mask = super().eligible(views)
+        self._budget(views, mask)
+        return mask
+
+    def _budget(self, views, mask: np.ndarray | None = None) -> Budget:
+        mask = super().eligible(views) if mask is None else mask
+        budget = Budget(ladder(views, self.mlp_step, self.multiple_of, mask), self.target(views))
+        if budget.params(budget.top) < budget.target - budget.slack:
+            raise PruneLabError(f"allocator.ratio={self.ratio} cannot be met on the ladder (at most "
+                                f"{budget.params(budget.top)} of {budget.target} params removable while every layer "
+                                f"keeps a KV group and an MLP channel): lower the ratio or widen the layer range")
+        return budget
+
+    def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
+        raise PruneLabError("allocator=search needs the model and calibration data (run it through the CLI)")
+
+    def search(self, model, batches, engine, scores, views, run_dir: Path) -> PruningPlan:
+        self.check_inputs(views, scores)
+        target = self.target(views)
+        budget = self._budget(views)
+        parts = budget.parts
+        t0 = time.time()
+        db = Database(parts)
+        engine.walk(model, batches, LevelBuilder(db, self.damp), propagate="dense")
+        t1 = time.time()
+        windows, stage_batches = self._fitness_batches(batches)
+        fitness = Fitness(model, db, windows, self.fitness_kind)
+        rng = np.random.default_rng(self.seed)
+        seeds = [self._snap(Global(self.ratio, layer_start=self.layer_start, layer_end=self.layer_end,
+                                   multiple_of=self.multiple_of)(scores, views), budget, rng),
+                 budget.repair(budget.project((budget.top > 0).astype(float)), rng)]
+        seed_values = [fitness(s) for s in seeds]
+        trajectory: list = []
+        if self.searcher == "evolution":
+            best = evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory)
+        else:
+            best = optimise(fitness, budget, seeds, stage_batches[-1], self.generations * self.offspring,
+                            self.sampler, self.seed, f"sqlite:///{Path(run_dir).resolve() / 'search.db'}",
+                            rng, trajectory)
+        plan = self._plan(db, best, target)
+        self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "evaluations": fitness.evaluations,
+                        "tokens_evaluated": fitness.tokens, "database_seconds": round(t1 - t0, 2),
+                        "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
+                        "seed_fitness": {"global": seed_values[0], "uniform": seed_values[1]},
+                        "best_fitness": float(fitness(best)), "trajectory": trajectory,
+                        "levels": self._by_layer(parts, best), "global_levels": self._by_layer(parts, seeds[0])}
+        return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")
+
+    def _fitness_batches(self, batches) -> tuple[list, list[int]]:
+        """Windows of the calibration set regrouped so that every stage is a whole number of batches:
+        stage s uses fitness_tokens / 4^(stages-1-s) tokens."""
+        import torch
+        windows = torch.cat([b for b in batches])
+        seq = windows.shape[1]
+        n = max(1, self.fitness_tokens // seq)
+        per = max(1, (self.fitness_tokens // 4 ** (self.stages - 1)) // seq)
+        chunks = list(windows[:n].split(per))
+        stages = [max(1, min(len(chunks), math.ceil(self.fitness_tokens / 4 ** (self.stages - 1 - s) / (per * seq))))
+                  for s in range(self.stages)]
+        return chunks, stages
+
+    @staticmethod
+    def _snap(plan: PruningPlan, budget: Budget, rng) -> np.ndarray:
+        counts = [len((plan.attn if p.kind == "attn" else plan.mlp).get(p.layer, [])) for p in budget.parts]
+        levels = np.array([min(p.top, int(round(c / p.step))) for p, c in zip(budget.parts, counts)])
+        return budget.repair(levels, rng)
+
+    @staticmethod
+    def _by_layer(parts, levels) -> dict:
+        return {kind: [int(p.removed(int(lv))) for p, lv in zip(parts, levels) if p.kind == kind]
+                for kind in ("attn", "mlp")}
+
+    def _plan(self, db: Database, levels: np.ndarray, target: int) -> PruningPlan:
+        """Units of every part's level (the database's greedy order), the budget then made exact to half
+        an MLP channel by single channels spread round-robin over the parts already pruned most."""
+        parts = db.parts
+        counts = [p.removed(int(lv)) for p, lv in zip(parts, levels)]
+        left = target - sum(c * p.unit_cost for c, p in zip(counts, parts))
+        mlp = sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable), key=lambda i: (-counts[i], i))
+        turn = 0
+        while mlp and abs(left) >= parts[mlp[0]].unit_cost / 2:
+            d = 1 if left > 0 else -1
+            free = [i for i in mlp if 0 <= counts[i] + d <= parts[i].units - 1]
+            if not free:
+                break
+            i = free[turn % len(free)]
+            turn += 1
+            counts[i] += d
+            left -= d * parts[i].unit_cost
+        attn, mlp_units = {}, {}
+        for p, c, order in zip(parts, counts, db.order):
+            if c:
+                ranked = list(order) + [u for u in range(p.units) if u not in set(order)]
+                (attn if p.kind == "attn" else mlp_units)[p.layer] = ranked[:c]
+        return PruningPlan(attn, mlp_units, [], target)

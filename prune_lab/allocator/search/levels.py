@@ -1,0 +1,105 @@
+"""The level database of allocator=search: per decoder layer and part (attention, MLP) a ladder of
+pruning levels, each with its units chosen and its consumer projection refit exactly as
+reconstruct=obs does (greedy structured OBS order, then least squares on the kept columns), from one
+engine pass on the dense path. Weights are kept on CPU; a candidate is assembled by swapping them in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...core.adapter import LayerView
+from ...engine import LayerMethod
+from ...reconstruct import refit
+
+
+@dataclass
+class Part:
+    """One layer part: `units` GQA groups (attn) or MLP channels, removed `step` units per level."""
+    layer: int
+    kind: str                 # "attn" | "mlp"
+    units: int
+    step: int
+    unit_cost: int            # parameters per unit
+    searchable: bool = True   # outside allocator.layer_start/layer_end: level 0 only
+
+    @property
+    def top(self) -> int:
+        """The highest level: every level keeps at least one unit."""
+        return (self.units - 1) // self.step if self.searchable else 0
+
+    def removed(self, level: int) -> int:
+        return min(level * self.step, self.units - 1)
+
+    @property
+    def step_cost(self) -> int:
+        return self.step * self.unit_cost
+
+
+def ladder(views: list[LayerView], mlp_step: float, multiple_of: int, eligible: np.ndarray) -> list[Part]:
+    """Parts in layer order (attn, mlp of layer 0, then layer 1, ...). Attention: one GQA group per
+    level (all counts); MLP: round(mlp_step * width) channels per level, on multiples of multiple_of."""
+    parts = []
+    for v in views:
+        step = max(multiple_of, int(round(mlp_step * v.mlp.width / multiple_of)) * multiple_of)
+        ok = bool(eligible[v.index])
+        parts.append(Part(v.index, "attn", v.attn.num_kv_heads, 1, v.attn.group_cost, ok))
+        parts.append(Part(v.index, "mlp", v.mlp.width, step, v.mlp.channel_cost, ok))
+    return parts
+
+
+def removed_params(parts: list[Part], levels: np.ndarray) -> int:
+    return int(sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, levels)))
+
+
+@dataclass
+class Database:
+    """Per part: the greedy removal order of its units and the refit weight of every level."""
+    parts: list[Part]
+    order: list[list[int]] = field(default_factory=list)
+    weights: list[list[torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for ws in self.weights for w in ws)
+
+
+class LevelBuilder(LayerMethod):
+    """Engine method (dense path): the Gram of o_proj / down_proj inputs -> order + refit per level."""
+
+    needs_gram = True
+
+    def __init__(self, db: Database, damp: float, chunk: int = 0):
+        self.db, self.damp, self.chunk = db, damp, chunk
+        self.by_key = {(p.layer, p.kind): i for i, p in enumerate(db.parts)}
+        db.order = [[] for _ in db.parts]
+        db.weights = [[] for _ in db.parts]
+
+    def stages(self, view):
+        return [["attn.o", "mlp.down"]]
+
+    @torch.no_grad()
+    def apply(self, index: int, view: LayerView, stats) -> dict:
+        a = view.attn
+        for kind, lin, path, width in (("attn", a.o, "attn.o", a.group_size * a.head_dim),
+                                       ("mlp", view.mlp.down, "mlp.down", 1)):
+            i = self.by_key[(index, kind)]
+            part = self.db.parts[i]
+            w, g = lin.weight.double(), stats[path].gram.double()
+            k = part.removed(part.top)
+            chunk = self.chunk or max(1, math.ceil(k / 64))
+            order = refit.obs_select(w, g, part.units, width, k, self.damp, chunk)[0] if k else []
+            self.db.order[i] = order
+            levels = []
+            for level in range(part.top + 1):
+                cut = torch.as_tensor(sorted(order[:part.removed(level)]), dtype=torch.long, device=w.device)
+                keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+                keep[refit.block_columns(cut, width)] = False
+                new = lin.weight.detach().clone() if level == 0 else \
+                    refit.lstsq(w, g, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
+                levels.append(new.cpu())
+            self.db.weights[i] = levels
+        return {}

@@ -1,0 +1,156 @@
+"""allocator=search: the level ladder and budget, the level database against a direct least-squares
+reference, the KL fitness, both searchers end to end (deterministic, exact budget), and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, text_job, tiny_model, tiny_overrides, tokens
+from prune_lab.allocator import Search
+from prune_lab.allocator.search.budget import Budget
+from prune_lab.allocator.search.fitness import Fitness
+from prune_lab.allocator.search.levels import Database, LevelBuilder, ladder
+from prune_lab.core.adapter import layer_views
+from prune_lab.engine import Engine
+from prune_lab.errors import PruneLabError
+from prune_lab.recipes import run
+
+SMALL = ["allocator=search", "allocator.fitness_tokens=256", "allocator.stages=2", "allocator.generations=3",
+         "allocator.offspring=4", "allocator.mlp_step=0.125", "calibration.n_samples=8", "output.plots=false"]
+
+
+def database(model, batches, mlp_step=0.125):
+    views = layer_views(model)
+    parts = ladder(views, mlp_step, 1, np.ones(len(views), dtype=bool))
+    db = Database(parts)
+    Engine("cpu", progress=False).walk(model, batches, LevelBuilder(db, 0.01), propagate="dense")
+    return views, parts, db
+
+
+def test_ladder_levels_keep_a_unit_and_the_budget_repairs_to_within_one_step():
+    model = tiny_model("qwen2", intermediate=48)          # 2 KV groups of 7 heads, MLP 48
+    views = layer_views(model)
+    parts = ladder(views, 0.125, 1, np.array([True, True, False]))
+    attn, mlp = parts[0], parts[1]
+    assert (attn.units, attn.step, attn.top) == (2, 1, 1) and (mlp.units, mlp.step, mlp.top) == (48, 6, 7)
+    assert mlp.removed(mlp.top) == 42 and parts[4].top == parts[5].top == 0     # layer 2 outside the range
+    budget = Budget(parts, int(0.3 * sum(v.num_params for v in views)))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        levels = budget.repair(rng.integers(0, budget.top + 1), rng)
+        assert budget.feasible(levels) and (levels <= budget.top).all() and (levels >= 0).all()
+    assert budget.feasible(budget.repair(budget.project(np.ones(len(parts))), rng))
+
+
+def test_every_level_is_the_least_squares_refit_of_its_greedy_units(arch):
+    torch.manual_seed(0)
+    model = tiny_model(arch, intermediate=32)
+    batches = [tokens(2, 64, seed=s) for s in range(3)]
+    views, parts, db = database(model, batches)
+    i = next(j for j, p in enumerate(parts) if p.kind == "mlp" and p.layer == 1)
+    down = views[1].mlp.down
+    captured = []                    # a slow reference: the dense inputs of layer 1's down_proj
+    h = down.register_forward_hook(lambda m, inp, out: captured.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    x = torch.cat(captured).double()
+    g = x.T @ x
+    w = down.weight.double()
+    assert torch.equal(db.weights[i][0], down.weight.detach())
+    for level in (1, parts[i].top):
+        keep = torch.tensor(sorted(set(range(32)) - set(db.order[i][:parts[i].removed(level)])))
+        gk = g[keep][:, keep]
+        ref = torch.zeros_like(w)
+        ref[:, keep] = torch.linalg.solve(gk + 0.01 * gk.diagonal().mean() * torch.eye(len(keep), dtype=g.dtype),
+                                          (w @ g[:, keep]).T).T
+        assert torch.allclose(db.weights[i][level].double(), ref, rtol=1e-4, atol=1e-6)
+        assert (db.weights[i][level][:, sorted(set(range(32)) - set(keep.tolist()))] == 0).all()
+
+
+def test_fitness_is_zero_for_the_dense_levels_and_leaves_the_weights_as_they_were():
+    model = tiny_model("llama", intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    _, parts, db = database(model, batches)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fitness = Fitness(model, db, batches, "kl")
+    assert fitness(np.zeros(len(parts), dtype=int)) == pytest.approx(0.0, abs=1e-9)
+    top = np.array([p.top for p in parts])
+    assert fitness(top) > 1e-4 and fitness(top, 1) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert fitness.evaluations == 3 and fitness.tokens == 2 * 128 + 64      # two full evaluations + one batch
+    ppl = Fitness(model, db, batches, "ppl")
+    assert ppl(top) > ppl(np.zeros(len(parts), dtype=int)) - 1.0
+
+
+@pytest.mark.parametrize("searcher", ["evolution", "optuna"])
+def test_search_end_to_end_is_deterministic_and_meets_the_budget(tmp_path, searcher):
+    extra = [*SMALL, f"allocator.searcher={searcher}", "cache.enabled=false"]
+    run(text_job(tmp_path, *extra), tmp_path / "a")
+    run(text_job(tmp_path, *extra), tmp_path / "b")
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert a["status"] == "ok" and a["search"]["searcher"] == searcher
+    assert (tmp_path / "a" / "plan.csv").read_text() == (tmp_path / "b" / "plan.csv").read_text()
+    assert a["search"]["levels"] == b["search"]["levels"] and a["pruned"] == b["pruned"]
+    channel = 3 * 64                                       # one MLP channel of the tiny llama
+    assert abs(a["plan"]["params_removed"] - a["plan"]["target_params"]) <= channel / 2
+    assert a["search"]["best_fitness"] <= min(a["search"]["seed_fitness"].values()) + 1e-12
+    assert a["search"]["evaluations"] >= 3 and len(a["search"]["trajectory"]) >= 2
+    if searcher == "optuna":
+        import optuna
+        study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'a' / 'search.db'}")
+        assert len(study.trials) == 3 * 4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"generations": 0}, "allocator.generations must be a whole number >= 1"),
+    ({"mlp_step": 0.7}, r"allocator.mlp_step must be in \(0, 0.5\]"),
+    ({"searcher": "annealing"}, "allocator.searcher must be one of evolution, optuna"),
+    ({"fitness": "bleu"}, "allocator.fitness must be one of kl, ppl"),
+])
+def test_bad_search_settings_fail_when_the_allocator_is_built(kwargs, match):
+    with pytest.raises(PruneLabError, match=match):
+        Search(**kwargs)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["allocator=search"], "allocator.fitness_tokens=8192 is more than the calibration set's 128 tokens: "
+     "lower it or raise calibration.n_samples"),
+    (["allocator=search", "allocator.fitness_tokens=64", "allocator.ratio=0.99"],
+     "allocator.ratio=0.99 cannot be met on the ladder"),
+])
+def test_search_bad_input_is_one_line_before_the_database(tmp_path, overrides, line):
+    proc = run_cli(*tiny_overrides("llama"), *overrides, run_dir=tmp_path / "run", cache=tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"prune_lab: error: {line}"), errors
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["status"] == "failed" and "score" not in m["timings_s"] and "search" not in m["timings_s"]
+
+
+def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
+    from prune_lab.allocator.search.evolution import evolve, stage_survivors
+    assert stage_survivors(16, 3) == [16, 4, 1] and stage_survivors(4, 2) == [4, 1]
+
+    class Counting:                 # fitness = distance to a target shape, counting calls per stage
+        evaluations = tokens = 0
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, levels, n_batches=None):
+            self.calls.append(n_batches)
+            self.evaluations += 1
+            return float(np.abs(levels - 1).sum())
+    model = tiny_model("llama", layers=6, intermediate=96)      # enough distinct children per generation
+    parts = ladder(layer_views(model), 0.0625, 1, np.ones(6, dtype=bool))
+    budget = Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
+    rng = np.random.default_rng(0)
+    f = Counting()
+    seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
+    evolve(f, budget, [seed], [1, 4, 16], generations=2, offspring=16, rng=rng, trajectory=[])
+    assert f.calls == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
