@@ -189,13 +189,14 @@ def free_bytes(path: str | Path) -> int:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return (st := os.statvfs(path)).f_bavail * st.f_frsize
 
 
 class RunDirGuard(Callback):
     """hydra.callbacks entry, before Hydra writes into the run (sweep) dir: refuse one another live job
     owns, or a full disk (where Hydra's own writes would end in a traceback)."""
+
+    checked: str | None = None       # the dir last checked, for the CLI's message when Hydra's writes fail
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.run.dir")
@@ -209,7 +210,7 @@ class RunDirGuard(Callback):
             run_dir = OmegaConf.select(config, key)
         except Exception:             # e.g. ${hydra:...} not resolvable yet: RunRecord's lock still checks
             return
-        error = None
+        error, RunDirGuard.checked = None, run_dir
         if run_dir and lock_held(run_dir):
             holder = (Path(run_dir) / LOCK).read_text().strip()
             error = f"run dir {run_dir} belongs to a live job ({holder}): give this job another hydra.run.dir"
