@@ -18,8 +18,9 @@ from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException  # noqa: E402
 
 from . import schema  # noqa: E402
-from .artifacts.rundir import exit_code, signal_of, signals_as_interrupts  # noqa: E402
+from .artifacts.rundir import RunDirGuard, exit_code, signal_of, signals_as_interrupts  # noqa: E402
 from .artifacts.rundir import register_resolvers as register_run_dir_resolvers  # noqa: E402
+from .atomic import disk_full, full_file  # noqa: E402
 from .errors import BudgetError, PruneLabError  # noqa: E402
 from .recipes import run  # noqa: E402
 from .recipes.common import instantiation_error  # noqa: E402
@@ -103,6 +104,8 @@ def one_line(e: Exception) -> str | None:
     cause = e.__cause__
     if isinstance(e, PruneLabError):
         return str(e)
+    if disk_full(e):                 # e.g. Hydra writing <run dir>/.hydra/ on a full disk
+        return f"no space left on {full_file(e) or RunDirGuard.checked or 'the device'}"
     if isinstance(e, InstantiationException):
         return str(cause) if isinstance(cause, PruneLabError) else instantiation_error(e)
     if isinstance(e, CompactHydraException):

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
 
 from .errors import DataUnavailable, PruneLabError
 
+log = logging.getLogger("prune_lab")
 ASSETS = Path(__file__).parent / "assets"
 CONF_DATA = Path(__file__).resolve().parent / "conf" / "data"
 SPLITS = ("train", "valid", "test")
@@ -166,18 +168,37 @@ class TokenStreams:
 
 
 class Calibration:
-    """Random `n_samples` windows of `seq_len` tokens from one split, fixed by the seed."""
+    """Random `n_samples` windows of `seq_len` tokens from one split, fixed by the seed.
+
+    Windows that must repeat tokens (n_samples x seq_len more than the split holds: 64 x 256 from a
+    721-token file is 23x oversampling) are refused unless allow_overlap=true; the default job draws
+    64 x 256 from wiki-vital-en's 1.1M-token train split (0.015x)."""
 
     def __init__(self, n_samples: int = 64, seq_len: int = 256, batch_size: int = 8,
-                 split: str = "train"):
+                 split: str = "train", allow_overlap: bool = False):
         if n_samples < 1 or seq_len < 2 or batch_size < 1:
             raise PruneLabError("calibration needs n_samples >= 1, seq_len >= 2, batch_size >= 1")
         self.n_samples, self.seq_len, self.batch_size, self.split = n_samples, seq_len, batch_size, split
+        self.allow_overlap = allow_overlap
+
+    def check(self, n_tokens: int, n_samples: int | None = None) -> None:
+        """The split is long enough for one window, and for all of them without repeating tokens."""
+        n = n_samples or self.n_samples
+        if n_tokens <= self.seq_len:
+            raise PruneLabError(f"calibration split has {n_tokens} tokens, fewer than seq_len={self.seq_len}")
+        factor = n * self.seq_len / n_tokens
+        if factor > 1 and not self.allow_overlap:
+            raise PruneLabError(
+                f"calibration draws {n} x {self.seq_len} = {n * self.seq_len} tokens from the {n_tokens}-token "
+                f"{self.split} split ({factor:.1f}x oversampling: the windows repeat tokens): lower "
+                f"calibration.n_samples or seq_len, give a larger split, or set calibration.allow_overlap=true")
+        if factor > 1:
+            log.info("calibration: %d x %d tokens from %d (%.1fx oversampling, calibration.allow_overlap=true)",
+                     n, self.seq_len, n_tokens, factor)
 
     def batches(self, stream: torch.Tensor, seed: int, n_samples: int | None = None) -> list[torch.Tensor]:
         """n_samples windows (default: the configured count) of seq_len tokens, fixed by the seed."""
-        if len(stream) <= self.seq_len:
-            raise PruneLabError(f"calibration split has {len(stream)} tokens, fewer than seq_len={self.seq_len}")
+        self.check(len(stream), n_samples)
         gen = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, len(stream) - self.seq_len, (n_samples or self.n_samples,), generator=gen)
         windows = torch.stack([stream[s:s + self.seq_len] for s in starts.tolist()])

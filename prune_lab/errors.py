@@ -26,6 +26,19 @@ class CheckpointError(PruneLabError):
     pass
 
 
+class DiskFull(PruneLabError, OSError):
+    """A write ran out of space (ENOSPC, EDQUOT): one line naming where. An OSError too, so the writers
+    that go on without an optional file (the score cache) still catch it."""
+
+    def __init__(self, path):
+        import errno
+        super().__init__(errno.ENOSPC, f"no space left on {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class Interrupted(KeyboardInterrupt):
     """A termination signal (SIGTERM) raised in the main thread, so the job ends as for Ctrl-C."""
 

@@ -4,6 +4,7 @@ Walks the dirs for run dirs (metrics.json, or .hydra/ alone: missing; running, p
 writes report.csv + report.md into the first dir (or --out) and prints the Markdown. For sweeps it
 also plots the perplexity against each swept override (or --plot KNOB), and the Pareto front of
 --pareto X Y (default params vs perplexity when the dir holds a multi-objective Optuna study).
+--clean first removes what jobs killed with -9 left half written (`.tmp-<pid>-…`, process gone).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from .artifacts.markdown import format_cell, to_markdown
-from .artifacts.rundir import dead_fields
+from .artifacts.rundir import dead_fields, lock_held, remove_stale_temporaries
 from .atomic import write_text_atomic
 from .errors import PruneLabError
 
@@ -185,6 +186,15 @@ def is_multi_objective_study(roots: list[Path]) -> bool:
                for root in roots for p in root.rglob("optimization_results.yaml"))
 
 
+def clean(roots: list[Path]) -> list[Path]:
+    """Stale temporaries in the roots and in every run dir under them that no live job holds."""
+    dirs = [r for r in roots if r.is_dir()] + find_run_dirs([r for r in roots if r.is_dir()])
+    removed = [p for d in dict.fromkeys(dirs) if not lock_held(d) for p in remove_stale_temporaries(d)]
+    for path in removed:
+        print(f"removed {path} (left half written by a process that is gone)", file=sys.stderr)
+    return removed
+
+
 def report(dirs: list[str], out: str | None = None, sort: str | None = None, descending: bool = False,
            plot: list[str] | None = None, pareto: list[str] | None = None) -> pd.DataFrame:
     roots = [Path(d) for d in dirs]
@@ -223,8 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", action="append", metavar="KNOB",
                         help="plot perplexity vs this override (repeatable; default: every swept one)")
     parser.add_argument("--pareto", nargs=2, metavar=("X", "Y"), help="Pareto front of two columns")
+    parser.add_argument("--clean", action="store_true", help="first remove temporaries of killed jobs")
     args = parser.parse_args(argv)
     try:
+        if args.clean:
+            clean([Path(d) for d in args.dirs])
         report(args.dirs, args.out, args.sort, args.desc, args.plot, args.pareto)
     except PruneLabError as e:
         print(f"prune_lab.report: error: {e}", file=sys.stderr)

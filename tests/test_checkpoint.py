@@ -119,7 +119,8 @@ def edit_manifest(path, edit) -> None:
     (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 64), "corrupt or truncated"),
     (lambda p: edit_manifest(p, lambda m: m["layers"][1].update(mlp_width=30)), "does not match the weights"),
     (lambda p: edit_manifest(p, lambda m: m["layers"].pop()), "does not match the weights"),
-    (lambda p: edit_manifest(p, lambda m: m["layers"][0].update(q_heads=3)), "does not fit the config"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"][0].update(q_heads=3)), "q_heads=3 in the manifest"),
+    (lambda p: edit_manifest(p, lambda m: m["layers"].extend(m["layers"][:1] * 3000)), "lists 3003 decoder layers"),
     (lambda p: edit_manifest(p, lambda m: m["layers"][0].pop("kv_heads")), "malformed manifest"),
     (lambda p: edit_manifest(p, lambda m: m.clear()), "no prune_lab manifest"),
 ])

@@ -1,10 +1,12 @@
-"""Run dirs that never lie: one dir per job, SIGTERM recorded, dead runs shown dead, atomic artefacts."""
+"""Run dirs that never lie: one dir per job, SIGTERM recorded, dead runs shown dead, atomic artefacts,
+a full disk one line naming what did not fit, and what a kill -9 left removed once its process is gone."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import pytest
 
 from conftest import REPO, cli_env, compose_job, start_cli, tiny_overrides, write_small_corpus
 from prune_lab.artifacts import record as record_module
-from prune_lab.atomic import atomic_path
-from prune_lab.errors import PruneLabError
+from prune_lab.artifacts.record import RunRecord, as_disk_full
+from prune_lab.atomic import atomic_dir, atomic_path, disk_full, temp_sibling
+from prune_lab.errors import DiskFull, PruneLabError
 from prune_lab.recipes import run
 from prune_lab.report import gather
 from prune_lab.artifacts.rundir import RunLock, this_process
@@ -163,7 +166,7 @@ def test_no_half_written_model_dir_after_a_full_disk(tmp_path, monkeypatch):
     from prune_lab.artifacts import checkpoint
     monkeypatch.setattr(checkpoint, "save_file", half_then_full)
     cfg = compose_job(*small_job(tmp_path), "output.save_model=true")
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match=f"^no space left on {tmp_path / 'run' / 'model'}$"):
         run(cfg, tmp_path / "run")
     names, temps = visible_and_temp(tmp_path / "run")
     assert "model" not in names and temps == []
@@ -202,3 +205,97 @@ def test_a_claimed_sweep_dir_travels_with_the_pickled_config(tmp_path, monkeypat
     monkeypatch.setattr(rundir, "_CLAIMED", {})     # a worker process: nothing claimed there
     assert pickle.loads(pickle.dumps(cfg)).dir == f"{tmp_path}/sweep_1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep", "sweep_1"]
+
+
+def test_a_full_disk_is_recognised_however_the_library_words_it(tmp_path):
+    assert disk_full(OSError(28, "No space left on device"))
+    assert disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    try:
+        try:
+            raise OSError(122, "Disk quota exceeded")
+        except OSError as inner:
+            raise ValueError("while saving") from inner
+    except ValueError as outer:
+        assert disk_full(outer)
+    assert not disk_full(OSError(13, "Permission denied")) and not disk_full(KeyboardInterrupt())
+    with pytest.raises(OSError) as err, atomic_path(tmp_path / "plan.csv") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("I/O error: No space left on device (os error 28)")
+    assert (err.value.errno, err.value.filename) == (28, str(tmp_path / "plan.csv"))
+    with pytest.raises(OSError) as err, atomic_dir(tmp_path / "model") as tmp, atomic_path(tmp / "config.json"):
+        raise OSError(28, "No space left on device")
+    assert err.value.filename == str(tmp_path / "model")          # the outermost artefact is named
+    assert list(tmp_path.iterdir()) == []
+    assert str(as_disk_full(err.value, tmp_path)) == f"no space left on {tmp_path / 'model'}"
+    assert isinstance(as_disk_full(err.value, tmp_path), PruneLabError)
+
+
+def test_a_full_disk_at_the_last_write_fails_the_run_instead_of_calling_it_ok(tmp_path, monkeypatch):
+    from prune_lab.artifacts import record as record_module
+    record = RunRecord(tmp_path / "run")
+    original = record_module.write_json_atomic
+
+    def full(path, data):
+        if data["status"] == "ok":
+            raise OSError(28, "No space left on device", str(path))
+        original(path, data)
+    monkeypatch.setattr(record_module, "write_json_atomic", full)
+    with pytest.raises(DiskFull, match="no space left on .*metrics.json"):
+        record.finish("ok")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "no space left" in metrics["error"]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_job_does_not_start_on_a_full_disk(tmp_path, monkeypatch):
+    from prune_lab.artifacts import rundir
+    from omegaconf import OmegaConf
+    monkeypatch.setattr(rundir, "free_bytes", lambda path: 4096)
+    with pytest.raises(SystemExit) as err:
+        rundir.RunDirGuard().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "run")}}}))
+    assert err.value.code == 2 and not (tmp_path / "run").exists()
+
+
+def test_dirs_claimed_for_defaults_hydra_then_overrode_are_removed_when_empty(tmp_path):
+    from prune_lab.artifacts import rundir
+    used, unused = (rundir.unique_dir(str(tmp_path / "multirun" / d / "03-04-05")) for d in ("day1", "day2"))
+    (Path(used) / "metrics.json").write_text("{}")
+    rundir.remove_unused_dirs()
+    assert sorted(p.name for p in (tmp_path / "multirun").iterdir()) == ["day1"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def leftovers(run_dir: Path) -> tuple[Path, Path]:
+    """A dead writer's half-written model dir and a live one's plan.csv temporary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dead = run_dir / f".tmp-{dead_pid()}-0123abcd-model"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.safetensors").write_bytes(b"\0" * 1000)
+    live = temp_sibling(run_dir / "plan.csv")
+    live.write_text("being written")
+    return dead, live
+
+
+def test_a_later_job_into_the_same_dir_removes_what_a_killed_job_left(tmp_path):
+    dead, live = leftovers(tmp_path / "run")
+    record = RunRecord(tmp_path / "run")
+    record.finish("ok")
+    assert not dead.exists() and live.exists()
+
+
+def test_report_clean_removes_stale_temporaries_but_not_those_of_live_jobs(tmp_path, capsys):
+    from prune_lab import report
+    RunRecord(tmp_path / "sweep" / "0").finish("ok")     # a run dir, and what a kill -9 left there
+    dead, live = leftovers(tmp_path / "sweep" / "0")
+    RunRecord(tmp_path / "sweep" / "1").finish("ok")
+    held = RunRecord(tmp_path / "sweep" / "2")           # a live job: its dir is left alone
+    held_dead, _ = leftovers(tmp_path / "sweep" / "2")
+    report.main([str(tmp_path / "sweep"), "--clean"])
+    held.finish("ok")
+    assert not dead.exists() and live.exists() and held_dead.exists()
+    assert f"removed {dead}" in capsys.readouterr().err

@@ -344,3 +344,45 @@ def test_a_setting_added_after_the_study_was_made_resumes_only_at_its_neutral_va
         check_same_job(study, {"allocator.ratio": "0.25", "eval.ppl.prefix_windows": "[64]"})
     with pytest.raises(PruneLabError, match="allocator.ratio"):
         check_same_job(study, {"allocator.ratio": "0.5"})
+
+
+def test_a_relative_study_url_is_one_study_from_any_directory_and_leaves_no_empty_dirs(tmp_path, job_args):
+    args = ["-m", "hparams_search=optuna_distribution", "hydra.sweeper.storage=sqlite:///rel.db",
+            "hydra.sweeper.study_name=rel", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=1", *job_args]
+    for cwd in ("a", "b"):                 # started in a/, resumed from b/
+        (tmp_path / cwd).mkdir()
+        out = run_cli(*args, cwd=tmp_path / cwd, env=job_env(tmp_path), timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "b" / "rel.db").exists()
+    study = optuna.load_study(study_name="rel", storage=f"sqlite:///{tmp_path}/a/rel.db")
+    assert len(completed(study)) == 2
+    assert study.user_attrs["storage"] == {"url": "sqlite:///rel.db", "resolved": f"sqlite:///{tmp_path}/a/rel.db",
+                                           "started_from": str(tmp_path / "a")}
+    trial_configs = list(tmp_path.glob("b/multirun/studies/rel/*/0/.hydra/hydra.yaml"))
+    assert [OmegaConf.load(p).hydra.sweeper.storage for p in trial_configs] == [f"sqlite:///{tmp_path}/a/rel.db"]
+    empty = [p for cwd in ("a", "b") for p in (tmp_path / cwd).rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert empty == []                     # no multirun/<date>/<time> of the default the preset overrode
+
+
+def test_sigterm_to_a_study_fails_its_running_trial(tmp_path, job_args):
+    (tmp_path / "long.txt").write_text((tmp_path / "test.txt").read_text() * 40)     # a long evaluation
+    args = [*study_args(tmp_path, "optuna_distribution", "term"), *job_args, f"data.test={tmp_path}/long.txt",
+            "eval.ppl.max_windows=null", "eval.ppl.batch_size=1", "hydra.sweeper.n_trials=3",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = start_cli(*args, cwd=tmp_path, env=job_env(tmp_path))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["stage"] == "evaluate":
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("prune_lab:")] == [
+        f"prune_lab: interrupted by SIGTERM: {tmp_path}/sweep/0 marked interrupted"]
+    trials = load_study(tmp_path, "term").trials
+    assert [(t.state.name, t.user_attrs.get("failed_because")) for t in trials] == [("FAIL", "interrupted by SIGTERM")]
+    assert json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["status"] == "interrupted"

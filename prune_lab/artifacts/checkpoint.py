@@ -30,6 +30,7 @@ from ..core.adapter import (
 from ..core.executor import ensure_bias, prune_attention, prune_mlp
 from ..errors import CheckpointError, PruneLabError
 from .export import plain_config
+from .manifest import check_index
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -205,6 +206,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a directory")
     config, manifest = read_config(path)
     shapes, aliases = weight_shapes(path / WEIGHTS)
+    check_index(manifest, shapes, path / WEIGHTS)       # before building anything of the manifest's size
     try:
         model = build_skeleton(config, manifest, dtype or config.dtype, attn_implementation)
     except PruneLabError:

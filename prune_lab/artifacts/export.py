@@ -22,6 +22,7 @@ from ..core.adapter import (
     decoder_layers,
     head_dim_of,
     layer_shapes,
+    layer_views,
     model_family,
 )
 from ..errors import PruneLabError
@@ -41,13 +42,30 @@ def shared_shape(model: nn.Module) -> dict:
     return shapes[0]
 
 
+def check_family(model: nn.Module) -> None:
+    """Known right after loading: the families output.export=hf cannot describe."""
+    if model_family(model) in NO_GATE_FAMILIES:
+        raise PruneLabError(f"output.export=hf does not support {model.config.model_type}: its config derives "
+                            f"head_dim from hidden_size / heads, so it cannot state pruned head counts "
+                            f"(use output.save_model=true)")
+
+
+def check_bias_refit(model: nn.Module, refit: str) -> None:
+    """Known right after loading: a refit with biases (reconstruct=bias, reconstruct.fit_bias=true) adds
+    o_proj/down_proj biases where this architecture builds none."""
+    lacking = sorted({short for v in layer_views(model) for short, lin in (("o_proj", v.attn.o), ("down_proj", v.mlp.down))
+                      if lin.bias is None})
+    if lacking:
+        raise PruneLabError(f"output.export=hf: {refit} adds biases to {lacking}, which {type(model).__name__} "
+                            f"does not build: use output.save_model=true (a prune_lab checkpoint keeps them) "
+                            f"or a refit without biases")
+
+
 def plain_config(model: nn.Module):
     """A config transformers builds this exact model from (same class when it accepts the shape)."""
     shape = shared_shape(model)
     config = model.config
-    if model_family(model) in NO_GATE_FAMILIES:
-        raise PruneLabError(f"output.export=hf does not support {config.model_type}: its config derives "
-                            f"head_dim from hidden_size / heads, so it cannot state pruned head counts")
+    check_family(model)
     if added_biases(model):
         raise PruneLabError(f"output.export=hf: reconstruction added biases to {added_biases(model)}, which "
                             f"{type(model).__name__} does not build: save with output.save_model=true")
@@ -69,14 +87,16 @@ def plain_config(model: nn.Module):
     fields = set(MistralConfig.__dataclass_fields__) - {"sliding_window"}
     out = MistralConfig(**{k: v for k, v in values.items() if k in fields}, sliding_window=None)
     out.architectures = ["MistralForCausalLM"]
-    log.warning("export: LlamaConfig refuses %d heads on hidden %d; written as the equivalent "
-                "MistralForCausalLM", shape["q_heads"], config.hidden_size)
     return out
 
 
 def export_hf(model: nn.Module, tokenizer, path) -> dict:
     """Write model.safetensors (tied weights once), config.json, generation config and tokenizer."""
     config = plain_config(model)
+    if config.model_type != model.config.model_type:
+        log.warning("export: %s refuses %d heads on hidden %d; written as the equivalent %s",
+                    type(model.config).__name__, config.num_attention_heads, config.hidden_size,
+                    config.architectures[0])
     config.dtype = next(model.parameters()).dtype
     recorded = getattr(model.config, "prune_lab", None) or {}
     config.prune_lab = {"exported_from": model.config.model_type,

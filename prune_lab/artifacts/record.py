@@ -9,8 +9,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomic import write_json_atomic
-from .rundir import RunLock, signal_of, this_process
+from ..atomic import disk_full, full_file, write_json_atomic
+from ..errors import DiskFull
+from .rundir import RunLock, remove_stale_temporaries, signal_of, this_process
 
 log = logging.getLogger("prune_lab")
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +31,14 @@ def git_revision() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def as_disk_full(error: BaseException, where: str | Path) -> BaseException:
+    """A full disk, however it was raised, as DiskFull naming what did not fit (the artefact the atomic
+    writer names, else `where`); any other error as it is."""
+    if isinstance(error, DiskFull) or not disk_full(error):
+        return error
+    return DiskFull(full_file(error) or where)
 
 
 def versions() -> dict:
@@ -53,10 +62,16 @@ class RunRecord:
         self.lock = RunLock(self.dir)
         process = this_process()
         self.lock.acquire(process)           # before writing anything: another live job may own it
+        for path in remove_stale_temporaries(self.dir):     # what a killed job left half written
+            log.warning("removed %s, left half written by a process that is gone", path)
         self.metrics: dict = {"status": "running", "stage": None, "process": process,
                               "timings_s": {}, "versions": versions()}
         self._t0 = time.time()
-        self.write()
+        try:
+            self.write()
+        except BaseException:
+            self.lock.release()
+            raise
 
     def __setitem__(self, key, value):
         self.metrics[key] = value
@@ -96,7 +111,13 @@ class RunRecord:
         try:
             self.write()
         except OSError as e:                 # a full disk: overwrite the old file's blocks in place
+            if error is not None:            # the job's own error goes on up
+                self._write_status_in_place(e)
+                return
+            failure = as_disk_full(e, self.path)   # done, but its results do not fit: failed
+            self.metrics.update(status="failed", error=f"{type(failure).__name__}: {failure}")
             self._write_status_in_place(e)
+            raise failure from e
         finally:
             self.lock.release()
 

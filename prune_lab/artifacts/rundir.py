@@ -9,13 +9,17 @@
   says `running` but whose lock is free as `dead`.
 * SIGTERM -- what Slurm, `timeout` and OOM watchdogs send -- is raised in the main thread as
   `Interrupted` (a KeyboardInterrupt), so the job ends as with Ctrl-C: status `interrupted`.
+* What a kill -9 leaves (a hidden `.tmp-<pid>-…` artefact half written) is removed by the next job
+  that takes the dir, and by `prune_lab.report --clean`, once its process is gone.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -28,30 +32,44 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import temp_owner
 from ..errors import Interrupted, PruneLabError
 
 LOCK = ".lock"
+MIN_FREE = 1 << 20      # bytes a job needs to start: its configs, log and metrics.json
 _CLAIMED: dict[str, str] = {}
+_MADE: list[Path] = []  # dirs unique_dir created (claimed dirs and their new parents), innermost last
 
 
 # ---- unique default dirs ----------------------------------------------------------------------
 def unique_dir(base: str) -> str:
     """Claim base (or base_1, base_2, ...) with mkdir; the same base always gives the same dir
-    within a process (Hydra resolves the sweep dir once per job)."""
+    within a process (Hydra resolves the sweep dir once per job). Hydra also resolves a default it
+    then overrides (a study preset's sweep dir): what stays empty is removed when the process ends."""
     if base not in _CLAIMED:
-        root = Path(base)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        i = 0
-        while True:
+        root, i = Path(base), 0
+        if not _MADE:
+            atexit.register(remove_unused_dirs)
+        _MADE.extend(p for p in reversed(root.parents) if not p.exists())
+        while base not in _CLAIMED:
             candidate = root if i == 0 else root.with_name(f"{root.name}_{i}")
             try:
+                root.parent.mkdir(parents=True, exist_ok=True)    # again if another exit removed it
                 candidate.mkdir()
+                _MADE.append(candidate)
+                _CLAIMED[base] = str(candidate)
             except FileExistsError:
                 i += 1
-                continue
-            _CLAIMED[base] = str(candidate)
-            break
+            except FileNotFoundError:
+                pass
     return _CLAIMED[base]
+
+
+def remove_unused_dirs() -> None:
+    """At exit: the dirs unique_dir made that nothing was written into (rmdir leaves any other)."""
+    for path in reversed(_MADE):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def register_resolvers() -> None:
@@ -115,6 +133,23 @@ def lock_held(run_dir: str | Path) -> bool | None:
         return False
 
 
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporaries (atomic.temp_sibling) in directory whose writing process is gone."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(directory).iterdir():
+            pid = temp_owner(entry.name)
+            if pid is None or pid == os.getpid() or pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry)
+    return removed
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -149,18 +184,40 @@ def dead_fields(run_dir: str | Path, metrics: dict) -> dict:
                      f"{metrics.get('stage')} without recording a status (kill -9, OOM, power loss?)"}
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free space for this user on the filesystem that holds path (or would hold it)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return (st := os.statvfs(path)).f_bavail * st.f_frsize
+
+
 class RunDirGuard(Callback):
-    """hydra.callbacks entry: refuse a run dir another live job owns, before Hydra writes into it."""
+    """hydra.callbacks entry, before Hydra writes into the run (sweep) dir: refuse one another live job
+    owns, or a full disk (where Hydra's own writes would end in a traceback)."""
+
+    checked: str | None = None       # the dir last checked, for the CLI's message when Hydra's writes fail
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
         try:
-            run_dir = OmegaConf.select(config, "hydra.run.dir")
+            run_dir = OmegaConf.select(config, key)
         except Exception:             # e.g. ${hydra:...} not resolvable yet: RunRecord's lock still checks
             return
+        error, RunDirGuard.checked = None, run_dir
         if run_dir and lock_held(run_dir):
             holder = (Path(run_dir) / LOCK).read_text().strip()
-            print(f"prune_lab: error: run dir {run_dir} belongs to a live job ({holder}): give this job "
-                  f"another hydra.run.dir", file=sys.stderr)
+            error = f"run dir {run_dir} belongs to a live job ({holder}): give this job another hydra.run.dir"
+        elif run_dir and free_bytes(run_dir) < MIN_FREE:
+            error = f"no space left on {run_dir} ({free_bytes(run_dir) // 1024} KiB free)"
+        if error:
+            print(f"prune_lab: error: {error}", file=sys.stderr)
             raise SystemExit(2)
 
 

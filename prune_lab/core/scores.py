@@ -15,13 +15,14 @@ class UnitScores:
     attn: list[torch.Tensor]           # per layer: [num_kv_heads]
     mlp: list[torch.Tensor]            # per layer: [mlp_width]
 
-    def check_finite(self) -> None:
+    def check_finite(self, source: str = "unit scores", remedy: str | None = None) -> None:
+        """Refuse NaN/inf; the caller says where the scores came from and what helps (a computed
+        criterion: fp16 overflow; a file: recompute it)."""
         for kind, per_layer in (("attention", self.attn), ("mlp", self.mlp)):
             for i, s in enumerate(per_layer):
                 if not torch.isfinite(s).all():
-                    raise PruneLabError(
-                        f"importance scores of layer {i} {kind} contain NaN/inf (fp16 overflow?): "
-                        f"use model.dtype=bfloat16 or float32")
+                    raise PruneLabError(f"{source}: layer {i} {kind} scores contain NaN/inf"
+                                        + (f" ({remedy})" if remedy else ""))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"attn.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.attn)}

@@ -29,6 +29,8 @@ class FromFile(Importance):
     def __init__(self, path: str, allow_other_model: bool = False):
         self.path = scores_file(path, "scores.safetensors")
         self.scores = load_scores(self.path)
+        self.scores.check_finite(f"the unit scores in {self.path}", "the file is damaged or was written by a "
+                                 "diverged run: recompute it")        # not the computed criteria's fp16 hint
         self.recorded = read_scores(self.path)[1]
         self.allow_other_model = allow_other_model
 

@@ -9,6 +9,8 @@ that errors of different layers are on the scale of the loss: ½ Σ_o E[g_o²]·
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -89,6 +91,8 @@ class ObsError(Importance):
     def __init__(self, damp: float = 0.01, weighted: bool = True, chunks: int = 64, engine=None):
         if chunks < 1:
             raise PruneLabError(f"importance.chunks must be >= 1 (greedy steps per layer and projection), got {chunks}")
+        if not (damp > 0 and math.isfinite(damp)):
+            raise PruneLabError(f"importance.damp must be a finite number > 0 (relative Gram damping), got {damp}")
         self.damp, self.weighted, self.chunks, self.engine = damp, weighted, chunks, engine
 
     def __call__(self, model, batches, seed: int = 0) -> UnitScores:

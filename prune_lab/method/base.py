@@ -5,6 +5,7 @@ The tensor math is in masks.py (which weights go) and sweep.py (SparseGPT's OBS 
 `asymmetric` > 0 asks the engine for the dense stream too and sweeps sweep.asymmetric_target."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +42,9 @@ class Unstructured(LayerMethod):
         self.spec.check()
         if blocksize < 1:
             raise PruneLabError(f"method.blocksize must be >= 1, got {blocksize}")
-        if not damp > 0:
-            raise PruneLabError(f"method.damp must be > 0 (a fraction of the mean Hessian diagonal), got {damp}")
+        if not (damp > 0 and math.isfinite(damp)):
+            raise PruneLabError(f"method.damp must be a finite number > 0 (a fraction of the mean Hessian "
+                                f"diagonal), got {damp}")
         if not 0.0 <= float(asymmetric) <= 1.0:
             raise PruneLabError(f"method.asymmetric must be in [0, 1] (the fraction of the dense-path "
                                 f"correction; 0 = off), got {asymmetric}")

@@ -18,6 +18,9 @@ def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor
 
     Inputs that never fire (diag H = 0) get H_ii = 1, so their weights are simply zeroed."""
     h = hessian.double().clone()
+    if not torch.isfinite(h).all():
+        raise PruneLabError("the Hessian (calibration inputs of a layer) contains NaN/inf: the layers before "
+                            "it diverged (fp16 overflow? use model.dtype=bfloat16 or float32)")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     idx = torch.arange(h.shape[0], device=h.device)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from ..artifacts.checkpoint import save_pruned
-from ..artifacts.export import export_hf
+from ..artifacts.export import check_family, export_hf
 from ..artifacts.record import RunRecord
 from ..cache.dense import load_dense
 from ..core.adapter import decoder_linear_params, layer_views
@@ -103,6 +103,10 @@ class Job:
         stream = self.streams(self.dataset, self.calibration.split)
         return self.calibration.batches(stream, self.cfg.seed, *([n_samples] if n_samples else []))
 
+    def check_calibration(self, n_samples: int | None = None) -> None:
+        """Before any heavy work: the calibration split holds the windows (calibration.allow_overlap)."""
+        self.calibration.check(len(self.streams(self.dataset, self.calibration.split)), n_samples)
+
 
 def build_job(cfg: DictConfig, run_dir: Path, record: RunRecord) -> Job:
     torch.manual_seed(cfg.seed)
@@ -125,6 +129,10 @@ def load(job: Job, calibrates: bool) -> None:
     job.record["model"] = {"name": job.loader.name, **job.loader.source_info(), "dense": model_stats(job.model),
                            "dense_reused": dense_reused}
     job.evaluator.check_data(job.eval_sets, job.streams)
+    if calibrates:
+        job.check_calibration()
+    if job.cfg.output.export:
+        check_family(job.model)              # output.export=hf of a family it cannot describe: before any work
 
 
 def evaluate_dense(job: Job) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..allocator import align_plan, check_alignment
-from ..artifacts.export import shared_shape
+from ..artifacts.export import check_bias_refit, plain_config
 from ..artifacts.layer_table import layer_table, write_layer_table
 from ..artifacts.plots import write_run_plots
 from ..artifacts.reconstruct_errors import write_errors
@@ -125,9 +125,14 @@ def build_parts(job: Job) -> Parts:
 
 
 def check_before_scoring(job: Job, parts: Parts, views) -> None:
-    """What depends on the model's shape (calibration size, alignment, layer range) fails before scoring."""
+    """What depends on the model's shape (calibration size, alignment, layer range, what output.export=hf
+    can describe) fails before scoring."""
+    if parts.wants_layers:
+        job.check_calibration(parts.layer_importance.n_samples)
     if parts.slices_units:
         parts.reconstructor.check_calibration(job.calibration.n_samples * job.calibration.seq_len, views)
+        if job.cfg.output.export and parts.reconstructor.adds_biases:
+            check_bias_refit(job.model, parts.reconstructor.adds_biases)
     if parts.prunes:
         check_alignment(views, parts.allocator.multiple_of)      # multiple_of fits every layer
         parts.allocator.eligible(views)      # layer range, eval windows
@@ -156,7 +161,8 @@ def score(job: Job, parts: Parts):
                             importance=OmegaConf.to_container(cfg.importance, resolve=True))
             scores, record["scores"]["reused"] = cache.unit_scores(
                 key, lambda: parts.importance(job.model, batches, cfg.seed), enabled=parts.importance.cacheable)
-            scores.check_finite()
+            scores.check_finite(f"importance={parts.importance.name}", "fp16 overflow? use model.dtype=bfloat16 "
+                                "or float32")          # importance=file checked its file when built
             origin |= parts.importance.origin(fingerprint, tokens)
         if parts.wants_layers:
             layer_batches = job.calibration_batches(parts.layer_importance.n_samples)
@@ -226,7 +232,7 @@ def prune(job: Job, parts: Parts, plan: PruningPlan | None) -> None:
             dense_copy = copy.deepcopy(job.model) if job.cfg.verify else None
             apply_plan(job.model, plan)
             if job.cfg.output.export:
-                shared_shape(job.model)      # output.export=hf refuses a non-uniform model before evaluating
+                plain_config(job.model)      # output.export=hf refuses what it cannot write before evaluating
         if dense_copy is not None:
             with job.record.stage("verify"):
                 job.record["verify"] = verify_pruning(job.model, dense_copy, plan, job.calibration_batches()[0])

@@ -114,6 +114,13 @@ class Reconstruct:
     def enabled(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def adds_biases(self) -> str | None:
+        """What adds o_proj/down_proj biases (named for messages), or None."""
+        if self.mode == "bias" or (self.enabled and self.fit_bias):
+            return "reconstruct=bias" if self.mode == "bias" else f"reconstruct={self.mode} with fit_bias=true"
+        return None
+
     def check_calibration(self, n_tokens: int, views) -> None:
         """Fail before any heavy work when the calibration cannot estimate the largest Gram of a refit."""
         need = max(max(v.attn.o.in_features, v.mlp.down.in_features) for v in views)

@@ -109,3 +109,4 @@ class CalibrationConf:
     seq_len: int = 256
     batch_size: int = 8
     split: str = "train"
+    allow_overlap: bool = False

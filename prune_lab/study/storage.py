@@ -17,7 +17,10 @@ RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
 def normalise_url(url: str) -> str:
-    """sqlite:///rel.db and journal:///rel.log become absolute, so a resumed study is found from any cwd."""
+    """sqlite:///rel.db and journal:///rel.log made absolute against the current directory. The study
+    driver resolves a relative URL once, where the study was started, and hands every trial that
+    absolute URL (study/location.py), so a trial, whatever its cwd, and a resume from another
+    directory, find the same study."""
     for scheme in ("sqlite", "journal"):
         prefix = f"{scheme}:///"
         if url.startswith(prefix):
@@ -61,6 +64,19 @@ def open_storage(url: str, heartbeat_interval: int | None = None):
         cause = " ".join(str(e).split())
         cause = cause.split(" (Background on this error")[0][:300]
         raise PruneLabError(f"cannot open study storage {redact(url)}: {type(e).__name__}: {cause}")
+
+
+def storage_file(url: str | None) -> str | None:
+    """The file of a sqlite:///… or journal:///… URL, else None (a database server)."""
+    for prefix in ("sqlite:///", "journal:///"):
+        if url and url.startswith(prefix):
+            return url[len(prefix):]
+    return None
+
+
+def storage_place(url: str | None) -> str:
+    """Where a study is stored, for messages: its file, else the URL without its password."""
+    return storage_file(url) or redact(str(url))
 
 
 def redact(url: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,17 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
     create_params_from_overrides,
 )
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from optuna.trial import TrialState
 
+from ..artifacts.rundir import exit_code, signal_of, signals_as_interrupts
+from ..atomic import disk_full, full_file
 from ..errors import PruneLabError
 from .job import Outcome, constraint_of
+from .location import locate, pin_storage, record_location
 from .objective import n_objectives
+from .results import write_tables
 from .storage import (
     check_same_job,
     derived_seed,
@@ -39,8 +42,11 @@ from .storage import (
     job_settings,
     open_storage,
     redact,
+    storage_file,
+    storage_place,
     worker_id,
 )
+from .trials import Heartbeat, Reserve, settled
 
 log = logging.getLogger(__name__)
 SAMPLER_WHITELIST = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
@@ -74,30 +80,6 @@ def tell(study, trial, **kwargs) -> None:
             raise
 
 
-class Heartbeat:
-    """Records a heartbeat for the running trials every `interval` s (RDB storages with heartbeats)."""
-
-    def __init__(self, storage, trial_ids: list[int], interval: int):
-        self.enabled = isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval()
-        self.storage, self.ids, self.interval, self.stop = storage, trial_ids, interval, threading.Event()
-
-    def _beat(self):
-        while True:
-            for tid in self.ids:
-                self.storage.record_heartbeat(tid)
-            if self.stop.wait(self.interval):
-                return
-
-    def __enter__(self):
-        if self.enabled:
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-
-
 class StudySweeper(OptunaSweeperImpl):
     def __init__(self, sampler: DictConfig, direction, storage, study_name, n_trials, n_jobs,
                  max_failure_rate, custom_search_space, params, constraints: bool = True,
@@ -105,6 +87,7 @@ class StudySweeper(OptunaSweeperImpl):
         super().__init__(None, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         self.sampler_cfg, self.constraints, self.heartbeat_interval = sampler, constraints, heartbeat_interval
+        self.reserve = Reserve(None)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _make_sampler(self, seed: int | None, space: dict):
@@ -124,9 +107,15 @@ class StudySweeper(OptunaSweeperImpl):
         return make(**kwargs)
 
     def _open_study(self, directions: list[str], searched) -> optuna.Study:
+        given = self.storage
+        if given:       # resolved once, here; every trial opens the same file (study/location.py)
+            self.storage = locate(str(given), self.study_name, self.config.cache.dir)
+            pin_storage(self.config, self.storage)
         storage = open_storage(self.storage, self.heartbeat_interval) if self.storage else None
         study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
                                     load_if_exists=True)
+        if storage is not None:
+            record_location(study, str(given), self.storage)
         have = [d.name.lower() for d in study.directions]
         if have != [d.lower() for d in directions]:
             raise PruneLabError(f"study '{study.study_name}' has directions {have}, this sweep asks for "
@@ -136,6 +125,23 @@ class StudySweeper(OptunaSweeperImpl):
         return study
 
     def sweep(self, arguments: list[str]) -> None:
+        """The study loop under SIGTERM-as-interrupt; a full disk or database is one line, exit 2."""
+        try:
+            with signals_as_interrupts():
+                self._sweep(arguments)
+        except KeyboardInterrupt as e:
+            print(f"prune_lab: interrupted by {signal_of(e)}: study '{self.study_name}' stopped (its running "
+                  f"trials marked failed)", file=sys.stderr)
+            raise SystemExit(exit_code(e)) from None
+        except Exception as e:
+            if disk_full(e):         # the study's database, or a file Hydra writes for a trial
+                where = full_file(e) or storage_place(self.storage)
+                abort_sweep(f"no space left on {where} (study '{self.study_name}')")
+            raise
+        finally:
+            self.reserve.release()
+
+    def _sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
         space, fixed, fixed_overrides = create_params_from_overrides(
             self._parse_sweeper_params_config() + list(arguments))
@@ -150,6 +156,7 @@ class StudySweeper(OptunaSweeperImpl):
             study = self._open_study(directions, set(space))
         except PruneLabError as e:
             abort_sweep(str(e))
+        self.reserve = Reserve(storage_file(self.storage))
         stale = fail_stale_trials(study)
         if stale:
             log.warning("marked %d stale RUNNING trial(s) of dead workers FAILED: %s", len(stale), stale)
@@ -169,21 +176,25 @@ class StudySweeper(OptunaSweeperImpl):
         budget = math.floor(self.max_failure_rate * self.n_trials)
         failed, done, to_go = 0, 0, self.n_trials
         while to_go > 0:
-            trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
-            for trial in trials:
-                trial.set_user_attr("worker", worker_id())
-                trial.set_user_attr("sampler_seed", seed)
-            overrides = self._configure_trials(trials, space, fixed, fixed_overrides)
-            with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
-            for trial, ret in zip(trials, returns):
-                error = self._tell(study, trial, ret, n_values)
-                done += 1
-                if error is not None:
-                    failed += 1
-                    log.warning("trial %d failed (%d of %d so far, budget %d): %s", trial.number, failed,
-                                done, budget, error)
+            trials: list = []
+            with settled(study, trials, self.reserve):   # SIGTERM, a full disk: no trial left RUNNING
+                trials.extend(study.ask() for _ in range(min(self.n_jobs, to_go)))
+                for trial in trials:
+                    trial.set_user_attr("worker", worker_id())
+                    trial.set_user_attr("sampler_seed", seed)
+                overrides = self._configure_trials(trials, space, fixed, fixed_overrides)
+                with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                self.job_idx += len(returns)
+                for trial, ret in zip(trials, returns):
+                    error = self._tell(study, trial, ret, n_values)
+                    done += 1
+                    if error is not None:
+                        failed += 1
+                        log.warning("trial %d failed (%d of %d so far, budget %d): %s", trial.number, failed,
+                                    done, budget, error)
+                    if error is not None and disk_full(ret._return_value):
+                        abort_sweep(f"trial {trial.number}: {ret._return_value}: the study stopped")
             if failed > budget:
                 abort_sweep(f"{failed} of {done} trials failed, over the budget of {budget} "
                             f"(max_failure_rate={self.max_failure_rate}); last error: {error}")
@@ -216,32 +227,9 @@ class StudySweeper(OptunaSweeperImpl):
     # ---- results ------------------------------------------------------------------------------
     def _write_results(self, study) -> None:
         out = Path(self.config.hydra.sweep.dir)
-        out.mkdir(parents=True, exist_ok=True)
-        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         try:
-            best = study.best_trials
-        except ValueError:
-            best = []
-        if len(study.directions) == 1:
-            result = {"name": "optuna", "best_params": best[0].params if best else None,
-                      "best_value": best[0].value if best else None}
-            if best:
-                log.info("best value %.4f with %s (trial %d)", best[0].value, best[0].params, best[0].number)
-            else:
-                log.warning("no feasible completed trial in study '%s' yet", study.study_name)
-        else:
-            result = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values} for t in best]}
-            front = pareto_front(best)
-            front.to_csv(out / "pareto_front.csv", index=False)
-            log.info("Pareto front (%d trials) -> %s", len(front), out / "pareto_front.csv")
-        OmegaConf.save(OmegaConf.create(result), out / "optimization_results.yaml")
-
-
-def pareto_front(best_trials):
-    """One row per Pareto-optimal (feasible) trial: number, objective values, params; sorted by PPL."""
-    import pandas as pd
-    cols = ["trial", "ppl", "params_remaining"]
-    rows = [{"trial": t.number, "ppl": t.values[0], "params_remaining": t.values[1], **t.params}
-            for t in best_trials]
-    return pd.DataFrame(rows, columns=None if rows else cols).sort_values("ppl").reset_index(drop=True)
-
+            write_tables(study, out)
+        except OSError as e:
+            if disk_full(e):
+                abort_sweep(f"no space left on {out}: the study is stored, its tables were not written")
+            raise
