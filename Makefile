@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-fast bench clean
+.PHONY: help install run test test-fast bench clean llama-cpp
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,13 @@ test: $(STAMP)   ## run the whole test suite (lab-model quality tests included)
 
 test-fast: $(STAMP) ## tests without the lab-model quality checks
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not lab" $(ARGS)
+
+# llama-cpp-python has no wheel on PyPI: pip compiles llama.cpp with cmake and the system compiler (minutes);
+# WHEELS=<dir> takes a wheel built before (pip wheel -w <dir> llama-cpp-python==$(LLAMA_CPP)) instead
+LLAMA_CPP ?= 0.3.36
+llama-cpp: $(STAMP) ## build + install llama-cpp-python (runs output.export=gguf files in tests/test_gguf_llama_cpp.py)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  $(PY) -m pip install -q $(if $(WHEELS),--find-links $(WHEELS)) llama-cpp-python==$(LLAMA_CPP)
 
 clean:           ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

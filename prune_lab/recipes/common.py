@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from ..artifacts.checkpoint import save_pruned
-from ..artifacts.export import check_family, export_hf
 from ..artifacts.record import RunRecord
 from ..cache.dense import load_dense
 from ..core.adapter import decoder_linear_params, layer_views
 from ..data import load_named
 from ..errors import PruneLabError
 from ..schema import TRUSTED_ENV, trusted_targets
+from . import exports
 
 log = logging.getLogger("prune_lab")
 
@@ -110,6 +110,7 @@ class Job:
 
 def build_job(cfg: DictConfig, run_dir: Path, record: RunRecord) -> Job:
     torch.manual_seed(cfg.seed)
+    exports.check_options(cfg, run_dir, build(cfg.quant))
     return Job(cfg, run_dir, record, loader=build(cfg.model), dataset=build(cfg.data),
                calibration=build(cfg.calibration), finetuner=build(cfg.finetune),
                evaluator=build(cfg.eval, _convert_="all"))
@@ -131,8 +132,7 @@ def load(job: Job, calibrates: bool) -> None:
     job.evaluator.check_data(job.eval_sets, job.streams)
     if calibrates:
         job.check_calibration()
-    if job.cfg.output.export:
-        check_family(job.model)              # output.export=hf of a family it cannot describe: before any work
+    exports.check_loaded(job)                # a family output.export cannot describe: before any work
 
 
 def evaluate_dense(job: Job) -> None:
@@ -166,15 +166,16 @@ def recover(job: Job, results: dict, kept=None) -> dict:
     return results
 
 
-def save(job: Job, extra=None) -> None:
+def save(job: Job, extra=None, grids=None) -> None:
     """output.save_model (a prune_lab checkpoint; `extra(tmp_dir)` adds files before the rename) and
-    output.export=hf (a plain Hugging Face directory)."""
+    output.export=hf|gguf (a plain Hugging Face directory, a GGUF file; `grids`: the 4-bit grids of a
+    quantized model, for output.gguf_type=q4_0|q4_1)."""
     if job.cfg.output.save_model:
         with job.record.stage("save"):
             save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra)
     if job.cfg.output.export:
         with job.record.stage("export"):
-            job.record["export"] = export_hf(job.model, job.tokenizer, job.run_dir / "hf")
+            job.record["export"] = exports.write(job, grids)
 
 
 def finish(job: Job, results: dict) -> JobResult:

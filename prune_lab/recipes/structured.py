@@ -14,7 +14,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..allocator import align_plan, check_alignment
-from ..artifacts.export import check_bias_refit, plain_config
 from ..artifacts.layer_table import layer_table, write_layer_table
 from ..artifacts.plots import write_run_plots
 from ..artifacts.reconstruct_errors import write_errors
@@ -28,6 +27,7 @@ from ..core.plan import PruningPlan
 from ..core.verify import require_passed, verify_pruning
 from ..errors import PruneLabError
 from ..reconstruct import summarize
+from . import exports
 from .common import (
     Job,
     JobResult,
@@ -114,7 +114,7 @@ def build_parts(job: Job) -> Parts:
                             f"set layer_importance=removal or activation")
     if parts.allocator is None:         # analyse only: what needs a pruned model is refused, not skipped
         asked = (("output.save_model", "true", cfg.output.save_model, "save"),
-                 ("output.export", "hf", cfg.output.export, "export"),
+                 ("output.export", exports.export_kind(cfg), cfg.output.export, "export"),
                  ("finetune", type(job.finetuner).__name__.lower(), job.finetuner.enabled, "recover"),
                  ("verify", "true", cfg.verify, "verify"))
         for key, value, on, verb in asked:
@@ -132,7 +132,7 @@ def check_before_scoring(job: Job, parts: Parts, views) -> None:
     if parts.slices_units:
         parts.reconstructor.check_calibration(job.calibration.n_samples * job.calibration.seq_len, views)
         if job.cfg.output.export and parts.reconstructor.adds_biases:
-            check_bias_refit(job.model, parts.reconstructor.adds_biases)
+            exports.check_loaded(job, parts.reconstructor.adds_biases)
     if parts.prunes:
         check_alignment(views, parts.allocator.multiple_of)      # multiple_of fits every layer
         parts.allocator.eligible(views)      # layer range, eval windows
@@ -231,8 +231,7 @@ def prune(job: Job, parts: Parts, plan: PruningPlan | None) -> None:
         with job.record.stage("prune"):
             dense_copy = copy.deepcopy(job.model) if job.cfg.verify else None
             apply_plan(job.model, plan)
-            if job.cfg.output.export:
-                plain_config(job.model)      # output.export=hf refuses what it cannot write before evaluating
+            exports.check_pruned(job)        # output.export refuses what it cannot write before evaluating
         if dense_copy is not None:
             with job.record.stage("verify"):
                 job.record["verify"] = verify_pruning(job.model, dense_copy, plan, job.calibration_batches()[0])

@@ -59,12 +59,23 @@ class EvalConf:
 # ---- job -----------------------------------------------------------------------------------
 class ExportFormat(Enum):
     hf = 1                                   # a plain Hugging Face directory (uniform layer shapes only)
+    gguf = 2                                 # one GGUF file for llama.cpp (per-layer widths: arch deci)
+
+
+class GGUFType(Enum):
+    f32 = 1
+    f16 = 2
+    bf16 = 3
+    q8_0 = 4                                 # llama.cpp's 8-bit blocks of 32
+    q4_0 = 5                                 # exactly a quant=uniform 4-bit symmetric grid (group size % 32 == 0)
+    q4_1 = 6                                 # ... or asymmetric
 
 
 @dataclass
 class OutputConf:
     save_model: bool = False
-    export: Optional[ExportFormat] = None    # hf: also write run_dir/hf, loadable by from_pretrained
+    export: Optional[ExportFormat] = None    # hf: also write run_dir/hf, loadable by from_pretrained; gguf: model.gguf
+    gguf_type: Optional[GGUFType] = None     # output.export=gguf's tensor type (null = f16)
     plots: bool = True
     save_scores: bool = True
 

@@ -1,0 +1,80 @@
+"""output.export=gguf run by llama.cpp itself (llama-cpp-python): the exported file's logits equal prune_lab's
+within fp16 tolerance, for uniform and per-layer (deci) shapes with a removed layer, on every architecture
+llama.cpp can express; on lab-llama llama.cpp also tokenizes text as prune_lab does.
+
+llama-cpp-python compiles llama.cpp at install (`make llama-cpp`; .ci/run installs it best effort): where it
+is absent these tests skip with that reason."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, TINY, lively
+from prune_lab.core.executor import apply_plan
+from prune_lab.core.plan import PruningPlan
+from prune_lab.model import RandomModel
+
+pytest.importorskip("gguf", reason="the gguf package (extra `real`) is not installed")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llama-cpp)")
+from prune_lab.artifacts.gguf_write import export_gguf  # noqa: E402
+
+KV = {"llama": 4, "mistral": 4, "qwen3": 4, "qwen2": 7}
+PLANS = {"uniform": PruningPlan(attn={i: [1] for i in (0, 2, 3)}, mlp={i: [0, 3, 7, 9, 20] for i in (0, 2, 3)},
+                                layers=[1]),
+         "per-layer": PruningPlan(attn={0: [1], 3: [0, 2]}, mlp={0: [5], 2: [0, 4], 3: [1, 2, 3]}, layers=[1])}
+# fp16 tolerance, as verify=true's float16 rtol: 1e-2 x max(1, max |logit|) (llama.cpp keeps its KV cache in f16)
+RTOL = {"f32": 1e-2, "f16": 1e-2, "q8_0": 5e-2}
+
+
+def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, seed=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def close(ours: torch.Tensor, theirs: np.ndarray, rtol: float) -> float:
+    diff = float(np.abs(ours.numpy() - theirs).max())
+    assert diff <= rtol * max(1.0, float(ours.abs().max())), diff
+    return diff
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RandomModel(device="cpu").load_tokenizer()
+
+
+# a Qwen3 whose layers differ is refused (no llama.cpp architecture has per-layer widths and q/k norms)
+@pytest.mark.parametrize("arch,variant", [(a, v) for a in ARCHS for v in PLANS if (a, v) != ("qwen3", "per-layer")])
+def test_llama_cpp_runs_the_export_with_prune_labs_logits(arch, variant, tokenizer, tmp_path):
+    shape = dict(TINY[arch], num_key_value_heads=KV[arch], num_hidden_layers=4, intermediate_size=48)
+    model = apply_plan(lively(RandomModel(**shape, device="cpu").build()).eval(), PLANS[variant])
+    info = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert info["architecture"] == ("deci" if variant == "per-layer" else "qwen3" if arch == "qwen3" else "llama")
+    ids = torch.randint(0, 8192, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    close(ours, llama_cpp_logits(tmp_path / "m.gguf", ids), RTOL["f16"])
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_lab_llama_per_layer_export_tokenizes_and_computes_as_prune_lab(lab_model, kind, tmp_path):
+    model, tokenizer = lab_model
+    plan = PruningPlan(attn={0: [1], 5: [0, 2]}, mlp={i: list(range(0, 40 * (i + 1), 3)) for i in range(8)},
+                       layers=[9])
+    apply_plan(model, plan)
+    info = export_gguf(model, tokenizer, tmp_path / "m.gguf", kind)
+    assert info["architecture"] == "deci" and info["block_count"] == len(model.model.layers)
+    text = "The Eiffel Tower is a wrought-iron lattice tower in Paris, built in 1889."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    close(ours, llama_cpp_logits(tmp_path / "m.gguf", ids), RTOL[kind])
