@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import LAB_MODEL, TINY, compose_job, lively, tiny_overrides
+from conftest import LAB_MODEL, TINY, compose_job, lively, run_cli, tiny_overrides
 from prune_lab.core.adapter import layer_views
 from prune_lab.core.executor import apply_plan
 from prune_lab.core.plan import PruningPlan
@@ -205,3 +205,14 @@ def test_a_qwen3_whose_layers_differ_is_refused_before_evaluating(tmp_path):
         run(job(tmp_path, "qwen3", "output.export=gguf"), tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "evaluate" not in metrics["timings_s"] and "prune" in metrics["timings_s"]
+
+
+@pytest.mark.parametrize("args,line", [
+    (["output.export=gguf", "output.gguf_type=q5_k"], "output.gguf_type"),                 # compose time (typed)
+    (["output.export=gguf", "output.gguf_type=q4_0"], "output.gguf_type=q4_0 writes a 4-bit grid exactly"),
+])
+def test_cli_bad_gguf_options_are_one_line_and_exit_2(tmp_path, args, line):
+    proc = run_cli(*tiny_overrides("llama"), *args, run_dir=tmp_path / "run", cache=tmp_path / "cache", timeout=300)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("prune_lab: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and line in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "model.gguf").exists()
