@@ -87,6 +87,35 @@ def test_fitness_is_zero_for_the_dense_levels_and_leaves_the_weights_as_they_wer
     assert ppl(top) > ppl(np.zeros(len(parts), dtype=int)) - 1.0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_candidate_run_from_the_anchors_kept_layer_inputs_has_the_full_forwards_fitness(arch, attn):
+    """Prefix reuse: a candidate that differs from the anchor first at layer l runs layers l.. only,
+    and its fitness equals a fresh Fitness's full forward (sdpa and eager attention)."""
+    model = tiny_model(arch, layers=4, intermediate=32, attn_implementation=attn)
+    batches = [tokens(2, 16, seed=s) for s in range(2)]
+    _, parts, db = database(model, batches, mlp_step=0.25)
+    rng = np.random.default_rng(1)
+    top = np.array([p.top for p in parts])
+    anchor = rng.integers(0, top + 1)
+    fast = Fitness(model, db, batches, "kl")
+    fast.anchor(anchor)
+    assert fast.layers_run == 4 * len(batches) and fast.evaluations == 0
+    for layer in (0, 2, 3):
+        child = anchor.copy()
+        i = max(i for i, p in enumerate(parts) if p.layer == layer)     # the layer's MLP part
+        child[i] = (child[i] + 1) % (top[i] + 1)
+        run_before = fast.layers_run
+        value = fast(child)
+        assert fast.layers_run - run_before == (4 - layer) * len(batches)
+        slow = Fitness(model, db, batches, "kl")
+        assert value == pytest.approx(slow(child), rel=1e-5, abs=1e-9)
+    run_before = fast.layers_run
+    fast.anchor(child)                                   # inherited from its evaluation just now: nothing run
+    assert fast.layers_run == run_before
+    assert fast(anchor) == pytest.approx(Fitness(model, db, batches, "kl")(anchor), rel=1e-5, abs=1e-9)
+
+
 @pytest.mark.parametrize("searcher", ["evolution", "optuna"])
 def test_search_end_to_end_is_deterministic_and_meets_the_budget(tmp_path, searcher):
     extra = [*SMALL, f"allocator.searcher={searcher}", "cache.enabled=false"]
@@ -146,6 +175,9 @@ def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
             self.calls.append(n_batches)
             self.evaluations += 1
             return float(np.abs(levels - 1).sum())
+
+        def anchor(self, levels):
+            self.calls.append("anchor")
     model = tiny_model("llama", layers=6, intermediate=96)      # enough distinct children per generation
     parts = ladder(layer_views(model), 0.0625, 1, np.ones(6, dtype=bool))
     budget = Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
@@ -153,4 +185,6 @@ def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
     f = Counting()
     seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
     evolve(f, budget, [seed], [1, 4, 16], generations=2, offspring=16, rng=rng, trajectory=[])
-    assert f.calls == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
+    stages = [c for c in f.calls if c != "anchor"]
+    assert stages == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
+    assert f.calls[:2] == [16, "anchor"]            # the parent is the anchor before its children run
