@@ -125,6 +125,7 @@ def test_search_end_to_end_is_deterministic_and_meets_the_budget(tmp_path, searc
     assert a["status"] == "ok" and a["search"]["searcher"] == searcher
     assert (tmp_path / "a" / "plan.csv").read_text() == (tmp_path / "b" / "plan.csv").read_text()
     assert a["search"]["levels"] == b["search"]["levels"] and a["pruned"] == b["pruned"]
+    assert 0 < a["search"]["decoder_layers_run"] == b["search"]["decoder_layers_run"]
     channel = 3 * 64                                       # one MLP channel of the tiny llama
     assert abs(a["plan"]["params_removed"] - a["plan"]["target_params"]) <= channel / 2
     assert a["search"]["best_fitness"] <= min(a["search"]["seed_fitness"].values()) + 1e-12

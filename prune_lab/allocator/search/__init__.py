@@ -106,7 +106,8 @@ class Search(Allocator):
                             rng, trajectory)
         plan = self._plan(db, best, target)
         self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "evaluations": fitness.evaluations,
-                        "tokens_evaluated": fitness.tokens, "database_seconds": round(t1 - t0, 2),
+                        "tokens_evaluated": fitness.tokens,
+                        "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
                         "seed_fitness": {"global": seed_values[0], "uniform": seed_values[1]},
                         "best_fitness": float(fitness(best)), "trajectory": trajectory,
