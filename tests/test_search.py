@@ -83,6 +83,7 @@ def test_fitness_is_zero_for_the_dense_levels_and_leaves_the_weights_as_they_wer
     assert fitness(top) > 1e-4 and fitness(top, 1) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert fitness.evaluations == 3 and fitness.tokens == 2 * 128 + 64      # two full evaluations + one batch
+    assert fitness(top) == fitness(top, 2) and fitness.evaluations == 3      # evaluated once per token count
     ppl = Fitness(model, db, batches, "ppl")
     assert ppl(top) > ppl(np.zeros(len(parts), dtype=int)) - 1.0
 
@@ -114,6 +115,43 @@ def test_a_candidate_run_from_the_anchors_kept_layer_inputs_has_the_full_forward
     fast.anchor(child)                                   # inherited from its evaluation just now: nothing run
     assert fast.layers_run == run_before
     assert fast(anchor) == pytest.approx(Fitness(model, db, batches, "kl")(anchor), rel=1e-5, abs=1e-9)
+
+
+def test_the_error_seed_is_the_cheapest_shape_under_the_budget_for_convex_level_errors():
+    """Slow reference: every combination of levels of 4 parts removing the budget; with convex per-part
+    errors and equal step costs the greedy (least error per parameter first) is optimal."""
+    import itertools
+    from prune_lab.allocator.search.levels import Part
+    from prune_lab.allocator.search.seeds import error_seed
+    rng = np.random.default_rng(3)
+    parts = [Part(i // 2, "attn" if i % 2 == 0 else "mlp", 4, 1, 10) for i in range(4)]
+    curv = rng.uniform(0.5, 2.0, 4)
+    errors = [[float(c * lv ** 2) for lv in range(p.top + 1)] for p, c in zip(parts, curv)]
+    db = Database(parts, order=[[] for _ in parts], weights=[[] for _ in parts], errors=errors,
+                  energy=[1.0] * 4)
+    budget = Budget(parts, 80)
+    seed = error_seed(db, budget, relative=False, rng=rng)
+    assert budget.feasible(seed)
+
+    def total(lv):
+        return sum(errors[i][int(v)] for i, v in enumerate(lv))
+    assert budget.params(seed) == 80
+    best = min((lv for lv in itertools.product(*(range(p.top + 1) for p in parts))
+                if budget.params(np.array(lv)) == 80), key=total)
+    assert total(seed) == pytest.approx(total(best))
+    db.energy = [1.0, 100.0, 1.0, 1.0]                     # absolute errors: part 1 becomes dear
+    assert error_seed(db, budget, relative=False, rng=rng)[1] <= seed[1]
+    assert (error_seed(db, budget, relative=True, rng=rng) == seed).all()
+
+
+def test_the_database_records_each_levels_output_error_relative_to_the_dense_output():
+    model = tiny_model("llama", intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    _, parts, db = database(model, batches)
+    for i, p in enumerate(parts):
+        assert db.errors[i][0] == pytest.approx(0.0, abs=1e-12) and db.energy[i] > 0
+        assert len(db.errors[i]) == p.top + 1
+        assert all(b >= a - 1e-9 for a, b in zip(db.errors[i], db.errors[i][1:]))   # nested levels
 
 
 @pytest.mark.parametrize("searcher", ["evolution", "optuna"])

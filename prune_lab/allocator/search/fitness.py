@@ -34,6 +34,7 @@ class Fitness:
         self.linears = [views[p.layer].attn.o if p.kind == "attn" else views[p.layer].mlp.down for p in db.parts]
         self.part_layer = np.array([p.layer for p in db.parts])
         self.evaluations = self.tokens = self.layers_run = 0
+        self.memo: dict[tuple[bytes, int], float] = {}   # a candidate is evaluated once per token count
         self.prefix = Prefix(model)
         self.anchor_levels: np.ndarray | None = None
         self.anchor_inputs: dict[int, list] = {}      # batch -> the anchor's input to every layer
@@ -90,6 +91,9 @@ class Fitness:
     def __call__(self, levels: np.ndarray, n_batches: int | None = None) -> float:
         """Mean per-token KL(dense || candidate) (or NLL) over the first n_batches windows."""
         n = len(self.batches) if n_batches is None else n_batches
+        key = (np.asarray(levels, dtype=np.int64).tobytes(), n)
+        if key in self.memo:
+            return self.memo[key]
         total = count = 0.0
         head = self.model.get_output_embeddings()
         start = self.first_change(levels)
@@ -113,4 +117,5 @@ class Fitness:
         self.recent = (np.asarray(levels).copy(), recent)
         self.evaluations += 1
         self.tokens += sum(self.batches[b].numel() for b in range(n))
-        return total / count
+        self.memo[key] = total / count
+        return self.memo[key]
