@@ -216,3 +216,37 @@ def test_cli_bad_gguf_options_are_one_line_and_exit_2(tmp_path, args, line):
     errors = [x for x in proc.stderr.splitlines() if x.startswith("prune_lab: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and line in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "model.gguf").exists()
+
+
+def quant_job(tmp_path, sym: bool, kind: str, *extra):
+    """The tiny llama, quantized by GPTQ (quant=uniform, 4 bits, groups of 32), exported as GGUF."""
+    ov = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model.intermediate_size")]
+    return compose_job(*ov, "model.intermediate_size=64", "output.plots=false", "method=sparsegpt",
+                       "method.sparsity=0", "method.blocksize=16", "quant=uniform", "quant.group_size=32",
+                       f"quant.sym={str(sym).lower()}", "output.export=gguf", f"output.gguf_type={kind}", *extra)
+
+
+@pytest.mark.parametrize("sym,kind", [(True, "q4_0"), (False, "q4_1")])
+def test_a_quant_uniform_model_is_written_exactly_on_its_own_4_bit_grid(tmp_path, sym, kind):
+    """The file's blocks dequantize (the gguf package's reference decoder) to the quantized model's weights up
+    to the fp16 rounding of the block scale (and offset): the integer codes are the GPTQ run's own. llama.cpp's
+    q4_0 rounding of those weights (gguf.quants.quantize) lands elsewhere."""
+    from prune_lab import load_pruned
+    run(quant_job(tmp_path, sym, kind, "output.save_model=true"), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["export"]["tensor_types"][kind.upper()] == 7 * 3         # every decoder linear
+    model = load_pruned(tmp_path / "run" / "model")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "run" / "model.gguf")).tensors}
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    for i, v in enumerate(layer_views(model)):
+        for short, lin in {"attn_v": v.attn.v, "attn_output": v.attn.o, "ffn_up": v.mlp.up, "ffn_down": v.mlp.down}.items():
+            t = tensors[f"blk.{i}.{short}.weight"]
+            assert t.tensor_type == qtype
+            ours = lin.weight.detach().float()
+            got = values(t)
+            block_max = ours.reshape(ours.shape[0], -1, 32).abs().amax(-1, keepdim=True)
+            err = (got - ours).reshape(ours.shape[0], -1, 32).abs()
+            assert (err <= 2 ** -11 * 6 * block_max + 1e-8).all(), (i, short, float((err / block_max).max()))
+            if kind == "q4_0":       # llama.cpp's rule (d = signed max / -8) is another grid
+                theirs = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(ours.numpy(), qtype), qtype))
+                assert (theirs - ours).abs().max() > 20 * err.max()

@@ -78,3 +78,18 @@ def test_lab_llama_per_layer_export_tokenizes_and_computes_as_prune_lab(lab_mode
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
     close(ours, llama_cpp_logits(tmp_path / "m.gguf", ids), RTOL[kind])
+
+
+@pytest.mark.parametrize("sym,kind", [(True, "q4_0"), (False, "q4_1")])
+def test_llama_cpp_runs_a_gptq_4_bit_export_with_prune_labs_logits(tmp_path, sym, kind):
+    """quant=uniform (GPTQ, 4 bits, groups of 32) written on its own grid: llama.cpp's logits are the quantized
+    model's (it rounds the activations to 8 bits for its q4 dot products: q8_0's tolerance)."""
+    from test_export_gguf import quant_job
+    from prune_lab import load_pruned
+    from prune_lab.recipes import run
+    run(quant_job(tmp_path, sym, kind, "output.save_model=true"), tmp_path / "run")
+    model = load_pruned(tmp_path / "run" / "model").eval()
+    ids = torch.randint(0, 8192, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    close(ours, llama_cpp_logits(tmp_path / "run" / "model.gguf", ids), RTOL["q8_0"])

@@ -17,8 +17,8 @@ GRID_TYPES = ("q4_0", "q4_1")
 
 
 def encode(gguf, t: torch.Tensor, kind: str, grid=None) -> tuple[np.ndarray, object, str]:
-    """(array, raw ggml type or None, type name) of one tensor. `grid` = (scale, zero) of a quantized
-    linear, each (rows, groups): the weight is written on it (kind q4_0 / q4_1)."""
+    """(array, raw ggml type or None, type name) of one tensor. `grid` = (scale, zero, group size) of a
+    quantized linear, scale and zero (rows, groups): the weight is written on it (kind q4_0 / q4_1)."""
     arr = t.detach().to(torch.float32).cpu().contiguous().numpy()
     q = gguf.GGMLQuantizationType
     if arr.ndim == 1 or kind == "f32":
@@ -32,28 +32,29 @@ def encode(gguf, t: torch.Tensor, kind: str, grid=None) -> tuple[np.ndarray, obj
     return arr.astype(np.float16), None, "F16"
 
 
-def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The integer codes q (0..15) of a weight on its grid w = scale·(q − zero), groups of columns."""
-    groups = scale.shape[1]
-    size = w.shape[1] // groups
-    s = scale.float().repeat_interleave(size, dim=1)
-    z = zero.float().expand_as(scale).repeat_interleave(size, dim=1)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 15).to(torch.uint8)
+def _per(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return t.float()[:, index]
 
 
-def grid_blocks(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kind: str) -> np.ndarray:
-    """GGUF Q4_0 (d, 16 nibble bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 columns, (rows, bytes)."""
+def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The integer codes q (0..15) of a weight on its grid w = scale·(q − zero), groups of group_size columns
+    (None: one group per row; the last group may be shorter)."""
+    group = torch.arange(w.shape[1]) // (group_size or w.shape[1])
+    return torch.clamp(torch.round(w.float() / _per(scale, group)) + _per(zero, group), 0, 15).to(torch.uint8)
+
+
+def grid_blocks(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
+                kind: str) -> np.ndarray:
+    """GGUF Q4_0 (d, 16 nibble bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 columns, (rows, bytes); a block
+    lies inside one group (group_size a multiple of 32)."""
     rows, cols = w.shape
     nb = cols // BLOCK
-    codes = grid_codes(w, scale, zero).reshape(rows, nb, BLOCK)
-    per = nb // scale.shape[1]                      # blocks per quantization group
-    d = scale.float().repeat_interleave(per, dim=1)
-    z = zero.float().expand_as(scale).repeat_interleave(per, dim=1)
+    codes = grid_codes(w, scale, zero, group_size).reshape(rows, nb, BLOCK)
+    group = torch.arange(nb) * BLOCK // (group_size or cols)
+    d, z = _per(scale, group), _per(zero, group)
+    if kind == "q4_0" and not bool((z == 8).all()):
+        raise ValueError("q4_0 needs the symmetric 4-bit grid (zero point 8)")
     packed = (codes[..., :16] | (codes[..., 16:] << 4)).numpy()
-    heads = [d.numpy().astype(np.float16)]
-    if kind == "q4_1":
-        heads.append((-d * z).numpy().astype(np.float16))
-    if kind == "q4_0":                               # the symmetric grid's zero point is 8: x = d·(q − 8)
-        assert bool((z == 8).all()), "q4_0 needs the symmetric 4-bit grid"
+    heads = [d.numpy().astype(np.float16)] + ([(-d * z).numpy().astype(np.float16)] if kind == "q4_1" else [])
     parts = [h.view(np.uint8).reshape(rows, nb, 2) for h in heads] + [packed]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))

@@ -17,10 +17,14 @@ from ..engine.hooks import Hooks
 from ..engine.stats import dense_energy, output_error
 from ..errors import PruneLabError
 from ..quant.base import NoQuant
-from ..quant.grid import RowQuantizer, quantize_rtn
+from ..quant.grid import RecordingQuantizer, quantize_rtn
 from .masks import SparsitySpec, baseline_mask
 from .sweep import asymmetric_target, inverse_hessian_factor, obs_sweep
 
+# engine paths -> HF module names (the GGUF export's grids)
+HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+            "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+            "mlp.down": "mlp.down_proj"}
 TRUE_SEQUENTIAL = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.gate", "mlp.up"), ("mlp.down",))
 
 
@@ -56,6 +60,8 @@ class Unstructured(LayerMethod):
         self.quant = NoQuant()
         self.masks: dict[tuple[int, str], Tensor] = {}
         self.bits: dict[tuple[int, str], Tensor] = {}
+        self.grids: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}     # (scale, zero) of each quantized linear
+        self._recording: RecordingQuantizer | None = None
 
     def with_quant(self, quant) -> "Unstructured":
         self.quant = quant
@@ -120,6 +126,9 @@ class Unstructured(LayerMethod):
                 self.masks[(index, p)] = mask.cpu()
             if p in bits:
                 self.bits[(index, p)] = bits[p].cpu()
+                if self._recording is not None:
+                    self.grids[(index, p)] = self._recording.grid()
+            self._recording = None
             record[p] = {"rows": w_old.shape[0], "cols": w_old.shape[1],
                          "sparsity": float(1 - mask.float().mean()) if self.spec.active else 0.0,
                          "zeros": float((new == 0).float().mean()),
@@ -134,9 +143,20 @@ class Unstructured(LayerMethod):
         if hessian is None:
             return weight * mask, mask
         new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
-                                 quantizer=self.quant.quantizer(bits), fixed_mask=mask, factor=factor,
+                                 quantizer=self.grid_quantizer(bits), fixed_mask=mask, factor=factor,
                                  act_order=self.quant.act_order)
         return new, mask
+
+    def grid_quantizer(self, bits) -> RecordingQuantizer | None:
+        """The quant option's quantizer of one linear, recording its grid (self.grids after apply)."""
+        q = self.quant.quantizer(bits)
+        self._recording = None if q is None else RecordingQuantizer(q.bits, q.sym, q.group_size)
+        return self._recording
+
+    def gguf_grids(self) -> dict[str, tuple[Tensor, Tensor, int | None]]:
+        """{HF weight name: (scale, zero, group size)} of every quantized linear (output.gguf_type=q4_*)."""
+        return {f"model.layers.{i}.{HF_NAMES[p]}.weight": (*grid, self.quant.group_size)
+                for (i, p), grid in self.grids.items() if p in HF_NAMES}
 
     def input_norm(self, stats) -> Tensor | None:
         return None
@@ -160,6 +180,7 @@ class Unstructured(LayerMethod):
                     if mask is not None:
                         w.mul_(mask.to(w.device, w.dtype))
                     if k in self.bits:
-                        grid = RowQuantizer(self.bits[k].to(w.device), self.quant.sym, self.quant.group_size)
+                        grid = RecordingQuantizer(self.bits[k].to(w.device), self.quant.sym, self.quant.group_size)
                         q = quantize_rtn(w.float(), grid)
+                        self.grids[k] = grid.grid()
                         w.copy_(q if mask is None else q * mask.to(w.device))

@@ -17,6 +17,6 @@ class SparseGPT(Unstructured):
 
     def sparsify(self, weight, stats, hessian, factor, bits):
         new, mask, _ = obs_sweep(weight, hessian, self.spec, blocksize=self.blocksize, damp=self.damp,
-                                 quantizer=self.quant.quantizer(bits), factor=factor,
+                                 quantizer=self.grid_quantizer(bits), factor=factor,
                                  act_order=self.quant.act_order)
         return new, mask

@@ -3,7 +3,7 @@ input columns), rounding onto it, round-to-nearest of a whole matrix. Pure tenso
 error feedback that uses it is prune_lab/method/sweep.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,6 +43,22 @@ class RowQuantizer:
         scale = ((xmax - xmin)[:, None] / maxq)
         zero = (maxq + 1) / 2 if self.sym else torch.round(-xmin[:, None] / scale)
         return scale, zero, maxq
+
+
+@dataclass
+class RecordingQuantizer(RowQuantizer):
+    """A RowQuantizer that keeps the (scale, zero) of every group it computes. The sweep and round-to-nearest
+    compute each group's once, in column order, so `grid()` is the linear's whole grid: (scale, zero), each
+    (rows, groups), what output.gguf_type=q4_0|q4_1 writes."""
+    seen: list = field(default_factory=list, repr=False)
+
+    def params(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scale, zero, maxq = super().params(w)
+        self.seen.append((scale, torch.as_tensor(zero, dtype=scale.dtype, device=scale.device).expand_as(scale)))
+        return scale, zero, maxq
+
+    def grid(self) -> tuple[Tensor, Tensor]:
+        return torch.cat([s for s, _ in self.seen], 1).cpu(), torch.cat([z for _, z in self.seen], 1).cpu()
 
 
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: Tensor) -> Tensor:
