@@ -65,7 +65,12 @@ def test_mixed_budget_hits_the_average_and_reload_reproduces_the_ppl(tmp_path):
         assert ((~masks[key]).float().mean() - 0.25).abs() < 1 / 16     # per block of 16 columns
         for row in range(0, w.shape[0], 7):
             assert len(torch.unique(w[row])) <= 2 ** int(bits[key][row])
-    assert meta["weights"] == "dequantized"
+    assert meta["weights"] == "packed"           # integer codes + scales + zero points (artifacts/packed.py)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoint"]
+    files = sorted(path.rglob("*"))
+    assert record["packed_linears"] == 3 * 7 and record["bytes"] == sum(f.stat().st_size for f in files if f.is_file())
+    weights = sum(lin.weight.numel() for lin in linears(model).values())
+    assert (path / "quantized.safetensors").stat().st_size < weights * 4 * 0.2     # ~3.5 bits of 32, + grids
     shrink = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model")]
     cfg2 = compose_job(*shrink, "model=pruned", f"model.path={path}", "model.device=cpu", "data=text",
                        f"data.train={tmp_path}/train.txt", f"data.test={tmp_path}/test.txt",

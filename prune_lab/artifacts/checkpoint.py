@@ -30,6 +30,7 @@ from ..core.adapter import (
 from ..core.executor import ensure_bias, prune_attention, prune_mlp
 from ..errors import CheckpointError, PruneLabError
 from .export import plain_config
+from . import packed
 from .manifest import check_index
 
 WEIGHTS = "model.safetensors"
@@ -82,22 +83,25 @@ def export_config(model: nn.Module, manifest: dict):
     return config
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None, grids=None) -> Path:
     """Write model.safetensors, config.json (with `prune_lab` manifest) and the tokenizer.
 
     Written into a temporary sibling that is renamed to `path` when complete (replacing an older
     checkpoint there), so a kill or a full disk never leaves a half-written checkpoint.
-    extra(tmp_dir), if given, writes further files into it before the rename.
+    extra(tmp_dir), if given, writes further files into it before the rename. grids: the quantized linears'
+    grids ({HF weight name: scale, zero, bits, group_size}): their weights are stored as packed integers
+    (artifacts/packed.py).
     """
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
         raise CheckpointError(f"'{path}' exists and is not a checkpoint: refusing to replace it")
     manifest = manifest_of(model)
     tensors, aliases = unique_state_dict(model)
-    tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+    tensors, ints, ints_meta = packed.split({k: t.to("cpu").contiguous() for k, t in tensors.items()}, grids or {})
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "prune_lab_aliases": json.dumps(aliases)})
+        packed.write(tmp, ints, ints_meta)
         export_config(model, manifest).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -206,6 +210,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a directory")
     config, manifest = read_config(path)
     shapes, aliases = weight_shapes(path / WEIGHTS)
+    shapes |= packed.packed_shapes(path)               # the quantized linears stored as packed integers
     check_index(manifest, shapes, path / WEIGHTS)       # before building anything of the manifest's size
     try:
         model = build_skeleton(config, manifest, dtype or config.dtype, attn_implementation)
@@ -216,7 +221,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     add_biases(model, shapes)
     check_weights(model, shapes, aliases, path / WEIGHTS)
     try:
-        state = load_file(str(path / WEIGHTS))
+        state = load_file(str(path / WEIGHTS)) | packed.read(path)
     except Exception as e:
         raise CheckpointError(f"cannot read {path / WEIGHTS}: corrupt or truncated ({_first_line(e)})") from e
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,8 +1,9 @@
 """What an unstructured / quantized engine pass did to the model: statistics (per linear, per layer,
 overall), the effective size in bytes, and the masks + bit map files.
 
-Checkpoint format (output.save_model=true): the model directory of prune_lab.checkpoint with the
-*dequantized* weights (so `prune_lab.load_pruned` reproduces the evaluated model bit for bit), plus
+Checkpoint format (output.save_model=true): the model directory of prune_lab.checkpoint, whose quantized
+linears are packed integers + float32 scales + zero points in quantized.safetensors (artifacts/packed.py;
+`prune_lab.load_pruned` decodes them to the evaluated model bit for bit), plus
 compression.safetensors (per linear "<layer>.<path>.mask" packed bits, row-major, and
 "<layer>.<path>.bits" bits per output row) and compression.json (method, quant, shapes, summary).
 """
@@ -21,6 +22,7 @@ from ..atomic import atomic_path
 from ..core.adapter import layer_views, view_linears
 
 FILE, META = "compression.safetensors", "compression.json"
+PACKED = "quantized.safetensors"     # artifacts/packed.py: the quantized linears as packed integers
 SCALE_BITS = 16                      # one fp16 scale per (row, group); + a zero point if asymmetric
 
 
@@ -105,7 +107,8 @@ def save_compression(path: Path, method, quant, summary: dict) -> None:
     meta = {"method": method.name, "sparsity": method.spec.sparsity, "prune_n": method.spec.prune_n,
             "prune_m": method.spec.prune_m, "quant": type(quant).__name__.lower(),
             "sym": quant.sym, "group_size": quant.group_size,
-            "weights": "dequantized", "mask_shapes": shapes, "summary": summary}
+            "weights": "packed" if (path / PACKED).is_file() else "dequantized", "mask_shapes": shapes,
+            "summary": summary}
     (path / META).write_text(json.dumps(meta, indent=2, default=str))
 
 

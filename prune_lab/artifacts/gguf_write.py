@@ -143,8 +143,8 @@ def arranged(name: str, t: torch.Tensor, lay: dict) -> torch.Tensor:
 
 
 def export_gguf(model: nn.Module, tokenizer, path, kind: str = "f16", grids: dict | None = None) -> dict:
-    """Write `path` (complete, or not there at all). grids: {HF weight name: (scale, zero, group size)} of the
-    linears a quant=uniform run left on a 4-bit grid (kind q4_0 / q4_1)."""
+    """Write `path` (complete, or not there at all). grids: {HF weight name: {scale, zero, group_size, ...}} of
+    the linears a quant=uniform run left on a 4-bit grid (kind q4_0 / q4_1)."""
     gguf = require_gguf()
     lay = layout(model)
     config, arch, grids = model.config, lay["arch"], grids or {}
@@ -181,7 +181,7 @@ def export_gguf(model: nn.Module, tokenizer, path, kind: str = "f16", grids: dic
             base, suffix = name.rsplit(".", 1)
             grid = grids.get(name)
             if grid is not None:
-                grid = (arranged(name, grid[0], lay), arranged(name, grid[1], lay), grid[2])
+                grid = (arranged(name, grid["scale"], lay), arranged(name, grid["zero"], lay), grid["group_size"])
             data, raw, tname = encode(gguf, arranged(name, t, lay), kind, grid)
             w.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=raw)
             types[tname] = types.get(tname, 0) + 1

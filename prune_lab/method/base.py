@@ -153,10 +153,12 @@ class Unstructured(LayerMethod):
         self._recording = None if q is None else RecordingQuantizer(q.bits, q.sym, q.group_size)
         return self._recording
 
-    def gguf_grids(self) -> dict[str, tuple[Tensor, Tensor, int | None]]:
-        """{HF weight name: (scale, zero, group size)} of every quantized linear (output.gguf_type=q4_*)."""
-        return {f"model.layers.{i}.{HF_NAMES[p]}.weight": (*grid, self.quant.group_size)
-                for (i, p), grid in self.grids.items() if p in HF_NAMES}
+    def grids_by_name(self) -> dict[str, dict]:
+        """{HF weight name: scale, zero (rows, groups), bits (rows), group_size} of every quantized linear: the
+        packed checkpoint (artifacts/packed.py) and output.gguf_type=q4_0|q4_1 write them."""
+        return {f"model.layers.{i}.{HF_NAMES[p]}.weight": {"scale": s, "zero": z, "bits": self.bits[(i, p)],
+                                                           "group_size": self.quant.group_size}
+                for (i, p), (s, z) in self.grids.items() if p in HF_NAMES}
 
     def input_norm(self, stats) -> Tensor | None:
         return None

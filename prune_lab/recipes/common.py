@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from ..artifacts import packed
 from ..artifacts.checkpoint import save_pruned
 from ..artifacts.record import RunRecord
 from ..cache.dense import load_dense
@@ -162,7 +163,7 @@ def evaluate(job: Job, tag: str) -> dict:
     return results
 
 
-def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None) -> dict:
+def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None, grids=None) -> dict:
     """finetune=lora|full|distill, then evaluate again: metrics.json `recovered`. `kept`: a context the
     training runs in (the unstructured family's masks and bit grids); `removed_layers`: the dense indices of
     the layers pruned whole (distill maps the hidden-state layers past them). With output.save_model the
@@ -171,7 +172,8 @@ def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None) -
         return results
     if job.cfg.output.save_model:
         with job.record.stage("save_pruned"):
-            save_pruned(job.model, job.tokenizer, job.run_dir / "model_pruned", extra=extra)
+            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model_pruned", extra=extra, grids=grids)
+            job.record["checkpoint_pruned"] = packed.describe(where)
     context = {"teacher": job.teacher, "removed_layers": list(removed_layers)} if job.finetuner.needs_teacher else {}
     with job.record.stage("recover"), (kept or nullcontext()):
         job.record["finetune"] = job.finetuner(job.model, job.tokenizer, job.streams(job.dataset, job.finetuner.split),
@@ -186,11 +188,12 @@ def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None) -
 
 def save(job: Job, extra=None, grids=None) -> None:
     """output.save_model (a prune_lab checkpoint; `extra(tmp_dir)` adds files before the rename) and
-    output.export=hf|gguf (a plain Hugging Face directory, a GGUF file; `grids`: the 4-bit grids of a
-    quantized model, for output.gguf_type=q4_0|q4_1)."""
+    output.export=hf|gguf (a plain Hugging Face directory, a GGUF file). `grids`: the grids of a quantized
+    model (packed integer weights in the checkpoint; output.gguf_type=q4_0|q4_1)."""
     if job.cfg.output.save_model:
         with job.record.stage("save"):
-            save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra)
+            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra, grids=grids)
+            job.record["checkpoint"] = packed.describe(where)
     if job.cfg.output.export:
         with job.record.stage("export"):
             job.record["export"] = exports.write(job, grids)
