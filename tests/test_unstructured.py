@@ -71,6 +71,9 @@ def test_mixed_budget_hits_the_average_and_reload_reproduces_the_ppl(tmp_path):
     assert record["packed_linears"] == 3 * 7 and record["bytes"] == sum(f.stat().st_size for f in files if f.is_file())
     weights = sum(lin.weight.numel() for lin in linears(model).values())
     assert (path / "quantized.safetensors").stat().st_size < weights * 4 * 0.2     # ~3.5 bits of 32, + grids
+    from prune_lab.artifacts.checkpoint import refuse_per_layer
+    with pytest.raises(PruneLabError, match="packed integer weights"):      # model=hf would miss those weights
+        refuse_per_layer(str(path))
     shrink = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model")]
     cfg2 = compose_job(*shrink, "model=pruned", f"model.path={path}", "model.device=cpu", "data=text",
                        f"data.train={tmp_path}/train.txt", f"data.test={tmp_path}/test.txt",

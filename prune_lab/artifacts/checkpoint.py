@@ -140,9 +140,12 @@ def refuse_per_layer(path: str) -> None:
         layers = manifest.get("layers") or []
     except (OSError, ValueError, AttributeError):     # no such file, not JSON, not a manifest: not ours
         return
-    if len({json.dumps(s, sort_keys=True) for s in layers}) > 1 or manifest.get("added_biases"):
-        raise CheckpointError(f"'{path}' is a prune_lab checkpoint with per-layer shapes or added biases: "
-                              f"load it with model=pruned model.path={path}")
+    what = ("per-layer shapes or added biases" if len({json.dumps(s, sort_keys=True) for s in layers}) > 1 or
+            manifest.get("added_biases") else "packed integer weights (quantized.safetensors)"
+            if (Path(path).expanduser() / packed.FILE).is_file() else None)
+    if what:
+        raise CheckpointError(f"'{path}' is a prune_lab checkpoint with {what}: load it with model=pruned "
+                              f"model.path={path}")
 
 
 def weight_shapes(file: Path) -> tuple[dict[str, tuple], dict[str, str]]:
