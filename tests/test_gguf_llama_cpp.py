@@ -93,3 +93,25 @@ def test_llama_cpp_runs_a_gptq_4_bit_export_with_prune_labs_logits(tmp_path, sym
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
     close(ours, llama_cpp_logits(tmp_path / "run" / "model.gguf", ids), RTOL["q8_0"])
+
+
+def test_a_pruned_then_gptq_quantized_model_runs_in_llama_cpp_as_per_layer_q4_0(tmp_path):
+    """method=structured + quant=uniform: per-layer widths (global allocation on multiples of 32, so every row
+    holds whole 4-bit blocks) quantized by GPTQ, written as deci with Q4_0 blocks on GPTQ's own grid."""
+    from conftest import compose_job, tiny_overrides
+    from prune_lab import load_pruned
+    from prune_lab.recipes import run
+    ov = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model.intermediate_size")]
+    run(compose_job(*ov, "model.intermediate_size=128", "model.num_key_value_heads=4", "output.plots=false",
+                    "importance=magnitude", "layer_importance=none", "reconstruct=none", "allocator.ratio=0.3",
+                    "allocator.multiple_of=32", "quant=uniform", "quant.group_size=32", "output.save_model=true",
+                    "output.export=gguf", "output.gguf_type=q4_0"), tmp_path / "run")
+    import json
+    export = json.loads((tmp_path / "run" / "metrics.json").read_text())["export"]
+    assert export["architecture"] == "deci" and export["tensor_types"]["Q4_0"] == 7 * export["block_count"]
+    assert len(set(zip(export["head_count_kv"], export["feed_forward_length"]))) > 1
+    model = load_pruned(tmp_path / "run" / "model").eval()
+    ids = torch.randint(0, 8192, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    close(ours, llama_cpp_logits(tmp_path / "run" / "model.gguf", ids), RTOL["q8_0"])

@@ -70,6 +70,8 @@ def check_pruned(job) -> None:
         plain_config(job.model)
     elif kind == "gguf":
         gguf_write.layout(job.model)
+        if gguf_type(job.cfg) in GRID_TYPES:
+            gguf_write.check_blocks(job.model)        # pruned widths: whole 32-blocks (allocator.multiple_of=32)
 
 
 def write(job, grids=None) -> dict:
