@@ -99,7 +99,7 @@ class LevelBuilder(LayerMethod):
                 keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
                 keep[refit.block_columns(cut, width)] = False
                 new = lin.weight.detach().clone() if level == 0 else \
-                    refit.lstsq(w, g, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
+                    refit.lstsq(w @ g, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
                 levels.append(new.cpu())
             self.db.weights[i] = levels
         return {}
