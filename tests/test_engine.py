@@ -265,3 +265,26 @@ def test_bfloat16_two_streams_take_w0_x_in_fp32():
     expected = w0.double() @ x_dense.T @ x_pruned
     assert (s.w_cross(w0) - expected).norm() <= 2e-2 * expected.norm()
     assert float(s.w_energy(w0)) == pytest.approx(float((x_dense @ w0.double().T).square().sum()), rel=1e-2)
+
+
+def test_after_its_last_attention_change_a_layer_reuses_its_attention():
+    """Stages [attn.o], [mlp.down]: the down_proj pass runs attention as o_proj on the kept o_proj inputs
+    (AttentionStandIn), so attention runs once per stream per layer (layer 0: one stream), and the results
+    equal those of running it, within the replay's round-off (REPLAY_BYTES = 0 turns reuse and replay off)."""
+    import prune_lab.engine.layer as engine
+    from prune_lab.core.plan import PruningPlan
+    plan = PruningPlan(attn={i: [1] for i in range(3)}, mlp={i: [0, 5, 7] for i in range(3)})
+    batches = [tokens(2, 24, seed=s) for s in range(3)]
+    weights = {}
+    for budget in (engine.REPLAY_BYTES, 0):
+        engine_budget, engine.REPLAY_BYTES = engine.REPLAY_BYTES, budget
+        model, calls = lively(tiny_model("mistral")), {}
+        for v in layer_views(model):
+            v.module.self_attn.register_forward_hook(lambda *_, i=v.index: calls.__setitem__(i, calls.get(i, 0) + 1))
+        try:
+            walk(model, batches, _plan_refit(plan), progress=False)
+        finally:
+            engine.REPLAY_BYTES = engine_budget
+        weights[budget] = [p.detach().clone() for p in model.parameters()]
+        assert [calls[i] / len(batches) for i in range(3)] == ([1, 2, 2] if budget else [3, 4, 4])   # (no replay)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(*weights.values()))   # replay: round-off

@@ -11,7 +11,8 @@ Two streams (`needs_cross`): per linear the Gram of the pruned-path inputs X~ an
 inputs X (an unmodified copy of the layer), what a refit reads: W₀·C (C = X·X~ᵀ) and ||W₀X||² (C, D =
 X·Xᵀ with needs_dense_grams). Layer forwards per batch (`forwards` in the records): the copy runs once
 per layer (later stages' dense inputs taped), not at all while the streams are one; the layer once per
-stage and once more for the next inputs unless the last stage is down_proj alone, replayed into the
+stage (after its last attention change with o_proj on kept inputs for its attention: AttentionStandIn)
+and once more for the next inputs unless the last stage is down_proj alone, replayed into the
 last pass's outputs (y + (W' - W)x~, checked to be the layer's output) when the kept inputs fit
 REPLAY_BYTES.
 """

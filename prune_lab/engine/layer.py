@@ -1,7 +1,8 @@
 """One layer's calibration passes (see prune_lab/engine/__init__.py): the stages' hooks on the linears
 (one Accumulator per distinct input: q/k/v share one, gate/up another), the dense copy once per layer
 with later stages' dense inputs taped from its pass, and the replay of a last down_proj-only stage into
-its pass's outputs; counts the layer forwards it makes."""
+its pass's outputs, and after a layer's last attention change (an o_proj-only stage) its attention
+as o_proj on the o_proj inputs kept from that pass (AttentionStandIn); counts the layer forwards."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from ..core.adapter import LayerView, layer_view
 from ..errors import PruneLabError
-from .capture import to_device
+from .capture import AttentionStandIn, to_device
 from .hooks import Hooks
 from .stats import Accumulator
 
@@ -52,12 +53,19 @@ class LayerRun:
 
     def __init__(self, view, kw, masks, device, store):
         self.view, self.layer, self.kw, self.masks = view, view.module, kw, masks
-        self.device, self.store = device, store
-        self.forwards, self.replayable, self.saved = 0, False, []
+        self.device, self.store, self.head_dim = device, store, view.attn.head_dim
+        self.forwards, self.replayable, self.saved, self.z = 0, False, [], []
 
     def run(self, module: nn.Module, x: Tensor, b: int) -> Tensor:
         self.forwards += 1
-        out = module(x.to(self.device), **to_device(self.kw[b], self.device))
+        attn = module.self_attn if module is self.layer and self.z else None
+        if attn is not None:
+            module.self_attn = AttentionStandIn(self.view.attn.o, self.z[b].to(self.device))
+        try:
+            out = module(x.to(self.device), **to_device(self.kw[b], self.device))
+        finally:
+            if attn is not None:
+                module.self_attn = attn
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, inputs) -> list[Tensor]:
@@ -70,8 +78,12 @@ class LayerRun:
         accs = [_accumulators(view, st, method, two and not (same and s == 0),
                               two and method.needs_residual and not (same and s == 0), self.device)
                 for s, st in enumerate(stages)]
+        tokens = sum(x.shape[:-1].numel() for x in pruned_in)
         replay = propagate == "pruned" and bool(stages) and stages[-1] == ["mlp.down"] and \
-            sum(x.shape[:-1].numel() for x in pruned_in) * view.mlp.down.in_features * 4 <= REPLAY_BYTES
+            tokens * view.mlp.down.in_features * 4 <= REPLAY_BYTES
+        attn = [s for s, st in enumerate(stages) if any(p.startswith("attn.") for p in st)]
+        keep_z = attn[-1] if attn and [p for p in stages[attn[-1]] if p.startswith("attn.")] == ["attn.o"] and \
+            propagate == "pruned" and tokens * view.attn.o.in_features * 4 <= REPLAY_BYTES else None
         dense_layer = copy.deepcopy(self.layer) if two and not same and stages else None
         dense_out, out, tape, before, records = None, None, None, None, []
         for s, stage in enumerate(stages):
@@ -79,12 +91,11 @@ class LayerRun:
             later = list({id(a): a for st in accs[s + 1:] for a in st.values()}.values())
             keep = (s == 0 and dense_layer is None and (two or propagate == "dense")) or (last and replay)
             out, dense_o, tape = self.stage(accs[s], later, pruned_in, dense_in, dense_layer, tape, keep,
-                                            last and replay)
+                                            last and replay, s == keep_z)
             if s == 0:
                 dense_out, dense_layer = (dense_o if dense_layer is not None else out), None
             if last and self.replayable:
-                down = view.mlp.down
-                before = (down.weight.detach().clone(), None if down.bias is None else down.bias.detach().clone())
+                before = [None if t is None else t.detach().clone() for t in (view.mlp.down.weight, view.mlp.down.bias)]
             stats = {p: st for a in {id(a): a for a in accs[s].values()}.values() for p, st in a.stats().items()}
             records.append(method.apply(view.index, view, {p: stats[p] for p in stage}) or {})
             del stats
@@ -97,16 +108,15 @@ class LayerRun:
                 dense_in = nxt                   # the method changed nothing: the streams are still one
         return records, nxt, dense_in
 
-    def stage(self, accs, later, pruned_in, dense_in, dense_layer, tape, keep: bool, replay: bool):
-        """One stage's pass: the dense copy (if given) runs first on each batch and hands this stage's
-        and the later stages' accumulators their dense-path inputs (the later ones' are taped, or taken
-        from the layer itself before it is modified when the streams are one), then the layer runs on
-        the pruned input. Returns (pruned outputs if keep, dense outputs, tape)."""
+    def stage(self, accs, later, pruned_in, dense_in, dense_layer, tape, keep: bool, replay: bool, keep_z: bool):
+        """One stage's pass: the dense copy (if given) runs first on each batch and hands this and later
+        stages' accumulators their dense-path inputs (later ones' are taped; from the layer itself while
+        the streams are one), then the layer on the pruned input (keep_z: its o_proj inputs are kept).
+        Returns (pruned outputs if keep, dense outputs, tape)."""
         own = list({id(a): a for a in accs.values()}.values())
         taping = tape is None and any(a.two for a in later)
         dense_module = dense_layer if dense_layer is not None else self.layer
-        dense_view = self.view if dense_layer is None else layer_view(self.view.index, dense_layer,
-                                                                      self.view.attn.head_dim)
+        dense_view = self.view if dense_layer is None else layer_view(self.view.index, dense_layer, self.head_dim)
         cur = {"mask": None}
         hooks = [(linear_at(self.view, p), a.pruned_hook(cur)) for p, a in accs.items()]
         hooks += [(linear_at(dense_view, p), a.dense_hook(cur, p)) for a in (*(own if tape is None else ()),
@@ -114,6 +124,8 @@ class LayerRun:
         pre = [(_residual_norm(self.layer, p), a.residual_hook(cur, "res_pruned")) for a in own for p in a.resid]
         pre += [(_residual_norm(dense_module, p), a.residual_hook(cur, "res_dense"))
                 for a in (*(own if tape is None else ()), *(later if taping else ())) for p in a.resid]
+        zs: list[Tensor] = []        # keep_z: the last attention change is o_proj's, later runs reuse its inputs
+        hooks += [(self.view.attn.o, lambda _m, i, _o: zs.append(i[0].to(self.store)))] if keep_z else []
         if replay:
             self.replayable = True
             hooks.append((self.view.mlp.down, lambda _m, i, o: cur.update(x=i[0], d=o)))
@@ -141,18 +153,17 @@ class LayerRun:
                     self.saved = [*self.saved, cur.pop("x").to(self.store)] if self.replayable else []
                 if keep:
                     outs.append(y.to(self.store))
+        self.z = zs if keep_z else self.z
         return (outs if keep else None), dense_outs, (new_tape if taping else tape)
 
     def replay(self, outs, before) -> list[Tensor]:
         """The pruned outputs after down_proj changed from `before`: y + x~ (W' - W)ᵀ + (b' - b)."""
-        down = self.view.mlp.down
-        dw = down.weight.detach().float() - before[0].float()
-        db = None if down.bias is None else down.bias.detach().float() - (0 if before[1] is None else before[1].float())
-        nxt = []
-        for y, x in zip(outs, self.saved):
-            y, x = y.to(self.device), x.to(self.device)
-            z = torch.addmm(y.reshape(-1, y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float(), dw.T)
-            nxt.append((z if db is None else z + db).to(y.dtype).reshape(y.shape).to(self.store))
+        down, (w0, b0) = self.view.mlp.down, before
+        dw = down.weight.detach().float() - w0.float()
+        db = 0 if down.bias is None else down.bias.detach().float() - (0 if b0 is None else b0.float())
+        nxt = [(torch.addmm(y.to(self.device).reshape(-1, y.shape[-1]).float(),
+                            x.to(self.device).reshape(-1, x.shape[-1]).float(), dw.T) + db)
+               .to(y.dtype).reshape(y.shape).to(self.store) for y, x in zip(outs, self.saved)]
         self.saved = []
         return nxt
 
