@@ -18,7 +18,7 @@ PACKAGE = REPO / "prune_lab"
 PRE_HOUSE = Path(__file__).parent / "data" / "pre_house"     # written by the flat layout (commit 486be9c)
 # options whose class lives in another option's file, or in the lifecycle file (base.py)
 SHARED_FILE = {("importance", "taylor_2nd"): "taylor", ("allocator", "global"): "global_table",
-               ("quant", "none"): "base"}
+               ("quant", "none"): "base", ("finetune", "none"): "base"}
 
 
 def test_import_linter_contracts_are_kept():

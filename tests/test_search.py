@@ -83,8 +83,75 @@ def test_fitness_is_zero_for_the_dense_levels_and_leaves_the_weights_as_they_wer
     assert fitness(top) > 1e-4 and fitness(top, 1) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert fitness.evaluations == 3 and fitness.tokens == 2 * 128 + 64      # two full evaluations + one batch
+    assert fitness(top) == fitness(top, 2) and fitness.evaluations == 3      # evaluated once per token count
     ppl = Fitness(model, db, batches, "ppl")
     assert ppl(top) > ppl(np.zeros(len(parts), dtype=int)) - 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_candidate_run_from_the_anchors_kept_layer_inputs_has_the_full_forwards_fitness(arch, attn):
+    """Prefix reuse: a candidate that differs from the anchor first at layer l runs layers l.. only,
+    and its fitness equals a fresh Fitness's full forward (sdpa and eager attention)."""
+    model = tiny_model(arch, layers=4, intermediate=32, attn_implementation=attn)
+    batches = [tokens(2, 16, seed=s) for s in range(2)]
+    _, parts, db = database(model, batches, mlp_step=0.25)
+    rng = np.random.default_rng(1)
+    top = np.array([p.top for p in parts])
+    anchor = rng.integers(0, top + 1)
+    fast = Fitness(model, db, batches, "kl")
+    fast.anchor(anchor)
+    assert fast.layers_run == 4 * len(batches) and fast.evaluations == 0
+    for layer in (0, 2, 3):
+        child = anchor.copy()
+        i = max(i for i, p in enumerate(parts) if p.layer == layer)     # the layer's MLP part
+        child[i] = (child[i] + 1) % (top[i] + 1)
+        run_before = fast.layers_run
+        value = fast(child)
+        assert fast.layers_run - run_before == (4 - layer) * len(batches)
+        slow = Fitness(model, db, batches, "kl")
+        assert value == pytest.approx(slow(child), rel=1e-5, abs=1e-9)
+    run_before = fast.layers_run
+    fast.anchor(child)                                   # inherited from its evaluation just now: nothing run
+    assert fast.layers_run == run_before
+    assert fast(anchor) == pytest.approx(Fitness(model, db, batches, "kl")(anchor), rel=1e-5, abs=1e-9)
+
+
+def test_the_error_seed_is_the_cheapest_shape_under_the_budget_for_convex_level_errors():
+    """Slow reference: every combination of levels of 4 parts removing the budget; with convex per-part
+    errors and equal step costs the greedy (least error per parameter first) is optimal."""
+    import itertools
+    from prune_lab.allocator.search.levels import Part
+    from prune_lab.allocator.search.seeds import error_seed
+    rng = np.random.default_rng(3)
+    parts = [Part(i // 2, "attn" if i % 2 == 0 else "mlp", 4, 1, 10) for i in range(4)]
+    curv = rng.uniform(0.5, 2.0, 4)
+    errors = [[float(c * lv ** 2) for lv in range(p.top + 1)] for p, c in zip(parts, curv)]
+    db = Database(parts, order=[[] for _ in parts], weights=[[] for _ in parts], errors=errors,
+                  energy=[1.0] * 4)
+    budget = Budget(parts, 80)
+    seed = error_seed(db, budget, relative=False, rng=rng)
+    assert budget.feasible(seed)
+
+    def total(lv):
+        return sum(errors[i][int(v)] for i, v in enumerate(lv))
+    assert budget.params(seed) == 80
+    best = min((lv for lv in itertools.product(*(range(p.top + 1) for p in parts))
+                if budget.params(np.array(lv)) == 80), key=total)
+    assert total(seed) == pytest.approx(total(best))
+    db.energy = [1.0, 100.0, 1.0, 1.0]                     # absolute errors: part 1 becomes dear
+    assert error_seed(db, budget, relative=False, rng=rng)[1] <= seed[1]
+    assert (error_seed(db, budget, relative=True, rng=rng) == seed).all()
+
+
+def test_the_database_records_each_levels_output_error_relative_to_the_dense_output():
+    model = tiny_model("llama", intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    _, parts, db = database(model, batches)
+    for i, p in enumerate(parts):
+        assert db.errors[i][0] == pytest.approx(0.0, abs=1e-12) and db.energy[i] > 0
+        assert len(db.errors[i]) == p.top + 1
+        assert all(b >= a - 1e-9 for a, b in zip(db.errors[i], db.errors[i][1:]))   # nested levels
 
 
 @pytest.mark.parametrize("searcher", ["evolution", "optuna"])
@@ -96,6 +163,7 @@ def test_search_end_to_end_is_deterministic_and_meets_the_budget(tmp_path, searc
     assert a["status"] == "ok" and a["search"]["searcher"] == searcher
     assert (tmp_path / "a" / "plan.csv").read_text() == (tmp_path / "b" / "plan.csv").read_text()
     assert a["search"]["levels"] == b["search"]["levels"] and a["pruned"] == b["pruned"]
+    assert 0 < a["search"]["decoder_layers_run"] == b["search"]["decoder_layers_run"]
     channel = 3 * 64                                       # one MLP channel of the tiny llama
     assert abs(a["plan"]["params_removed"] - a["plan"]["target_params"]) <= channel / 2
     assert a["search"]["best_fitness"] <= min(a["search"]["seed_fitness"].values()) + 1e-12
@@ -146,6 +214,9 @@ def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
             self.calls.append(n_batches)
             self.evaluations += 1
             return float(np.abs(levels - 1).sum())
+
+        def anchor(self, levels):
+            self.calls.append("anchor")
     model = tiny_model("llama", layers=6, intermediate=96)      # enough distinct children per generation
     parts = ladder(layer_views(model), 0.0625, 1, np.ones(6, dtype=bool))
     budget = Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
@@ -153,4 +224,6 @@ def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
     f = Counting()
     seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
     evolve(f, budget, [seed], [1, 4, 16], generations=2, offspring=16, rng=rng, trajectory=[])
-    assert f.calls == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
+    stages = [c for c in f.calls if c != "anchor"]
+    assert stages == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
+    assert f.calls[:2] == [16, "anchor"]            # the parent is the anchor before its children run

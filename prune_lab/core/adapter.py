@@ -157,6 +157,14 @@ def view_linears(view: LayerView) -> dict[str, nn.Linear]:
     return {k: v for k, v in named.items() if v is not None}
 
 
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """The architecture's names of its decoder projections, in engine order (Llama: q_proj ... down_proj;
+    OPT: q_proj, k_proj, v_proj, out_proj, fc1, fc2): LoRA's default target modules."""
+    view = layer_views(model)[0]
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in view.module.named_modules()}
+    return [names[id(lin)] for lin in view_linears(view).values()]
+
+
 def decoder_linear_params(model: nn.Module) -> int:
     """Parameters of all decoder attention + MLP projections (the pruning budget's base)."""
     return sum(v.num_params for v in layer_views(model))

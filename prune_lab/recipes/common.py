@@ -98,6 +98,7 @@ class Job:
     tokenizer: Any = None
     streams: Any = None
     eval_sets: dict = field(default_factory=dict)
+    teacher: Any = None               # finetune=distill: the dense model's side, kept before compression
 
     def calibration_batches(self, n_samples: int | None = None) -> list[torch.Tensor]:
         stream = self.streams(self.dataset, self.calibration.split)
@@ -129,6 +130,7 @@ def load(job: Job, calibrates: bool) -> None:
     job.record["model"] = {"name": job.loader.name, **job.loader.source_info(), "dense": model_stats(job.model),
                            "dense_reused": dense_reused}
     job.evaluator.check_data(job.eval_sets, job.streams)
+    job.finetuner.check_model(job.model)     # LoRA target modules, distill's layers: before any work
     if calibrates:
         job.check_calibration()
     if job.cfg.output.export:
@@ -142,6 +144,15 @@ def evaluate_dense(job: Job) -> None:
         log.info("dense:  %s", fmt(job.record["dense"]))
 
 
+def keep_teacher(job: Job) -> None:
+    """finetune=distill: the teacher is the dense model as loaded, so it is taken here, before the recipe
+    compresses job.model in place (a frozen copy, or its top-k logits of every training batch)."""
+    if job.finetuner.needs_teacher:
+        with job.record.stage("teacher"):
+            job.teacher = job.finetuner.teacher(job.model, job.streams(job.dataset, job.finetuner.split),
+                                                job.cfg.seed)
+
+
 def evaluate(job: Job, tag: str) -> dict:
     """The compressed model's evaluation: metrics.json `pruned` (after compression, before recovery)."""
     with job.record.stage("evaluate"):
@@ -151,14 +162,21 @@ def evaluate(job: Job, tag: str) -> dict:
     return results
 
 
-def recover(job: Job, results: dict, kept=None) -> dict:
-    """finetune=lora|full, then evaluate again: metrics.json `recovered`. `kept`: a context the training
-    runs in (the unstructured family's masks and bit grids)."""
+def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None) -> dict:
+    """finetune=lora|full|distill, then evaluate again: metrics.json `recovered`. `kept`: a context the
+    training runs in (the unstructured family's masks and bit grids); `removed_layers`: the dense indices of
+    the layers pruned whole (distill maps the hidden-state layers past them). With output.save_model the
+    model before recovery is saved first, as `model_pruned/` (`extra` as in save)."""
     if not job.finetuner.enabled:
         return results
+    if job.cfg.output.save_model:
+        with job.record.stage("save_pruned"):
+            save_pruned(job.model, job.tokenizer, job.run_dir / "model_pruned", extra=extra)
+    context = {"teacher": job.teacher, "removed_layers": list(removed_layers)} if job.finetuner.needs_teacher else {}
     with job.record.stage("recover"), (kept or nullcontext()):
         job.record["finetune"] = job.finetuner(job.model, job.tokenizer, job.streams(job.dataset, job.finetuner.split),
-                                               seed=job.cfg.seed, run_dir=job.run_dir)
+                                               seed=job.cfg.seed, run_dir=job.run_dir, **context)
+    job.teacher = None
     with job.record.stage("evaluate_recovered"):
         results = job.evaluator(job.model, job.tokenizer, job.eval_sets, job.streams, tag="recovered")
     job.record["recovered"] = results

@@ -36,6 +36,7 @@ from .common import (
     evaluate,
     evaluate_dense,
     finish,
+    keep_teacher,
     load,
     model_stats,
     recover,
@@ -78,6 +79,7 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     views = layer_views(job.model)                       # the dense model's layers, for every stage below
     check_before_scoring(job, parts, views)
     evaluate_dense(job)
+    keep_teacher(job)                  # finetune=distill: the dense model, before anything prunes it in place
     scores, layer_scores = score(job, parts)
     plan = allocate(job, parts, views, scores, layer_scores)
     prior = memo.lookup(plan, job.model, record.metrics.get("data_fingerprint"), cfg, run_dir) if memo else None
@@ -92,7 +94,7 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
         if parts.prunes or not job.evaluator.before:
             results = evaluate(job, tag="pruned")
         record["pruned"] = results     # ratio 0 with eval.before: the dense results, evaluated once
-        results = recover(job, results)
+        results = recover(job, results, removed_layers=plan.layers if plan is not None else ())
     save(job)
     if cfg.output.plots:
         with record.stage("plots"):

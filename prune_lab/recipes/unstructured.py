@@ -25,6 +25,7 @@ from .common import (
     evaluate,
     evaluate_dense,
     finish,
+    keep_teacher,
     load,
     recover,
     save,
@@ -42,10 +43,12 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     load(job, calibrates=True)
     method.check_model(layer_views(job.model))     # N:M against the layers' widths, before any work
     evaluate_dense(job)
+    keep_teacher(job)                              # finetune=distill: the dense model, before the engine pass
     summary = compress(job, method, quant, engine)
     results = evaluate(job, tag=method.name)
-    results = recover(job, results, kept=method.kept(job.model))
-    save(job, extra=lambda tmp: save_compression(tmp, method, quant, summary))   # masks/bits beside the weights
+    extra = lambda tmp: save_compression(tmp, method, quant, summary)     # noqa: E731  masks/bits beside the weights
+    results = recover(job, results, kept=method.kept(job.model), extra=extra)
+    save(job, extra=extra)
     return finish(job, results)
 
 

@@ -32,7 +32,7 @@ SCHEMAS = {
                   "depth": DepthConf,
                   "uniform_shape": UniformShapeConf},
     "reconstruct": {"base": ReconstructConf},
-    "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf},
+    "finetune": {"base": FinetuneConf, "lora": LoraConf, "full": FullConf, "distill": DistillConf},
     "eval": {"base": EvalConf},
     "method": {"base": MethodConf, "unstructured": UnstructuredConf, "sparsegpt": SparseGPTConf},
     "quant": {"base": QuantConf, "uniform": UniformQuantConf, "mixed": MixedQuantConf},

@@ -6,7 +6,6 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from ..core.adapter import DECODER_LINEARS
 
 
 # ---- method (structured | sparsegpt | wanda | magnitude) and quant (none | uniform | mixed) ---------
@@ -89,10 +88,26 @@ class LoraConf(TrainConf):
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: list(DECODER_LINEARS))
+    target_modules: Optional[List[str]] = None   # null: the architecture's decoder projections
 
 
 @dataclass
 class FullConf(TrainConf):
     _target_: str = "prune_lab.finetune.Full"
     lr: float = 5e-5
+
+
+@dataclass
+class DistillConf(TrainConf):
+    _target_: str = "prune_lab.finetune.Distill"
+    mode: str = "lora"                       # lora | full: what is trained (as finetune=lora / full)
+    lr: Optional[float] = None               # null: the mode's default (lora 2e-3, full 5e-5)
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_layers: Optional[List[int]] = None    # dense layer indices; null: every layer the student kept
+    teacher_topk: Optional[int] = None       # k: KL over the teacher's top-k (precomputed on CPU); null: all
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None

@@ -28,8 +28,10 @@ from .evolution import evolve
 from .fitness import KINDS, Fitness
 from .levels import Database, LevelBuilder, ladder
 from .optuna_search import SAMPLERS, optimise
+from .seeds import error_seed
 
 SEARCHERS = ("evolution", "optuna")
+SEEDS = ("global", "uniform", "error", "relative_error")   # starting points, in the order evaluated
 
 
 class Search(Allocator):
@@ -95,7 +97,8 @@ class Search(Allocator):
         rng = np.random.default_rng(self.seed)
         seeds = [self._snap(Global(self.ratio, layer_start=self.layer_start, layer_end=self.layer_end,
                                    multiple_of=self.multiple_of)(scores, views), budget, rng),
-                 budget.repair(budget.project((budget.top > 0).astype(float)), rng)]
+                 budget.repair(budget.project((budget.top > 0).astype(float)), rng),
+                 error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
         seed_values = [fitness(s) for s in seeds]
         trajectory: list = []
         if self.searcher == "evolution":
@@ -106,9 +109,10 @@ class Search(Allocator):
                             rng, trajectory)
         plan = self._plan(db, best, target)
         self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "evaluations": fitness.evaluations,
-                        "tokens_evaluated": fitness.tokens, "database_seconds": round(t1 - t0, 2),
+                        "tokens_evaluated": fitness.tokens,
+                        "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
-                        "seed_fitness": {"global": seed_values[0], "uniform": seed_values[1]},
+                        "seed_fitness": dict(zip(SEEDS, seed_values)),
                         "best_fitness": float(fitness(best)), "trajectory": trajectory,
                         "levels": self._by_layer(parts, best), "global_levels": self._by_layer(parts, seeds[0])}
         return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")

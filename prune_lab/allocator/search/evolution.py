@@ -36,6 +36,7 @@ def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list
     scored = [(fitness(s, final), i) for i, s in enumerate(seeds)]
     best_value, best = min(scored)
     parent, parent_value = seeds[best], best_value
+    fitness.anchor(parent)                       # children run from the first layer they change
     trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     sizes = stage_survivors(offspring, len(stage_batches))
     for _generation in range(generations):
@@ -53,5 +54,6 @@ def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list
             children, values = [children[i] for i in order], [values[i] for i in order]
         if children and values[0] < parent_value:
             parent, parent_value = children[0], values[0]
+            fitness.anchor(parent)
         trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     return parent

@@ -1,8 +1,15 @@
 """Fitness of a candidate (one level per layer part): KL divergence of its next-token distribution from
-the dense model's (Týr, EvoPress), or its perplexity on the tokens, on calibration windows. The dense
-model's final hidden states are computed once; its logits are recomputed from them through the
-(unchanged) lm_head, so no vocabulary-sized tensor is kept. A candidate is assembled by swapping the
-database's o_proj / down_proj weights into the model (no copy of the model)."""
+the dense model's (Týr, EvoPress), or its NLL, on calibration windows. A candidate is assembled by
+swapping the database's o_proj / down_proj weights into the model (no copy of the model).
+
+What is not recomputed per candidate:
+- the dense model's log-probabilities (kept once, fp32, while they fit in `dense_cache_bytes`; else its
+  final hidden states are kept and the head re-applied);
+- the layers before the first one where the candidate differs from the *anchor* (the evolution's
+  parent): `anchor(levels)` keeps the anchor's input to every decoder layer, and a candidate runs from
+  the first layer it changes, the earlier layers standing in with the kept inputs (prefix.py). The
+  values are those of a full forward (the same layers on the same inputs).
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -13,22 +20,36 @@ import torch.nn.functional as F
 
 from ...core.adapter import layer_views
 from .levels import Database
+from .prefix import Prefix
 
 KINDS = ("kl", "ppl")
 
 
 class Fitness:
-    def __init__(self, model, db: Database, batches: list[torch.Tensor], kind: str = "kl"):
+    def __init__(self, model, db: Database, batches: list[torch.Tensor], kind: str = "kl",
+                 dense_cache_bytes: int = 4 << 30):
         self.model, self.db, self.kind = model, db, kind
         self.batches = [b.to(model.device) for b in batches]
         views = {v.index: v for v in layer_views(model)}
         self.linears = [views[p.layer].attn.o if p.kind == "attn" else views[p.layer].mlp.down for p in db.parts]
-        self.evaluations = self.tokens = 0
-        self.dense_hidden = [self._hidden(b) for b in self.batches] if kind == "kl" else None
+        self.part_layer = np.array([p.layer for p in db.parts])
+        self.evaluations = self.tokens = self.layers_run = 0
+        self.memo: dict[tuple[bytes, int], float] = {}   # a candidate is evaluated once per token count
+        self.prefix = Prefix(model)
+        self.anchor_levels: np.ndarray | None = None
+        self.anchor_inputs: dict[int, list] = {}      # batch -> the anchor's input to every layer
+        self.recent: tuple[np.ndarray | None, dict[int, list]] = (None, {})   # the last candidate's
+        self.dense = None
+        if kind == "kl":
+            vocab = model.get_output_embeddings().weight.shape[0]
+            keep_logp = sum(b.numel() for b in self.batches) * vocab * 4 <= dense_cache_bytes
+            with torch.no_grad():
+                self.dense = [self._dense(b, keep_logp) for b in self.batches]
+            self.dense_is_logp = keep_logp
 
-    @torch.no_grad()
-    def _hidden(self, batch):
-        return self.model.model(input_ids=batch).last_hidden_state
+    def _dense(self, batch, keep_logp: bool):
+        hidden = self.prefix.run(batch, 0, None)[0]
+        return F.log_softmax(self.model.get_output_embeddings()(hidden).float(), -1) if keep_logp else hidden
 
     @contextmanager
     def assembled(self, levels: np.ndarray):
@@ -41,25 +62,60 @@ class Fitness:
             for lin, w in zip(self.linears, originals):
                 lin.weight.data = w
 
+    def first_change(self, levels: np.ndarray) -> int:
+        """The first decoder layer whose weights differ from the anchor's (0 without an anchor)."""
+        if self.anchor_levels is None:
+            return 0
+        diff = np.flatnonzero(np.asarray(levels) != self.anchor_levels)
+        return int(self.part_layer[diff].min()) if len(diff) else self.prefix.n_layers - 1
+
+    @torch.no_grad()
+    def anchor(self, levels: np.ndarray) -> None:
+        """Make `levels` the anchor, its input to every layer kept for every batch: inherited from its
+        evaluation if it was the last candidate evaluated (the evolution anchors the survivor it has just
+        evaluated on every batch), else computed here (counted in `tokens`, not in `evaluations`)."""
+        levels = np.asarray(levels).copy()
+        if self.anchor_levels is not None and np.array_equal(levels, self.anchor_levels):
+            return
+        recent_levels, recent = self.recent
+        kept = dict(recent) if recent_levels is not None and np.array_equal(levels, recent_levels) else {}
+        missing = [b for b in range(len(self.batches)) if b not in kept]
+        with self.assembled(levels):
+            for b in missing:
+                kept[b] = self.prefix.run(self.batches[b], 0, None)[1]
+                self.layers_run += self.prefix.n_layers
+                self.tokens += self.batches[b].numel()
+        self.anchor_levels, self.anchor_inputs = levels, kept
+
     @torch.no_grad()
     def __call__(self, levels: np.ndarray, n_batches: int | None = None) -> float:
         """Mean per-token KL(dense || candidate) (or NLL) over the first n_batches windows."""
         n = len(self.batches) if n_batches is None else n_batches
+        key = (np.asarray(levels, dtype=np.int64).tobytes(), n)
+        if key in self.memo:
+            return self.memo[key]
         total = count = 0.0
         head = self.model.get_output_embeddings()
+        start = self.first_change(levels)
+        recent: dict[int, list] = {}
         with self.assembled(levels):
             for b in range(n):
                 batch = self.batches[b]
-                logits = head(self._hidden(batch)).float()
+                kept = self.anchor_inputs.get(b)
+                begin = start if kept is not None else 0
+                hidden, recent[b] = self.prefix.run(batch, begin, kept)
+                self.layers_run += self.prefix.n_layers - begin
+                logits = head(hidden).float()
                 if self.kind == "kl":
-                    dense = F.log_softmax(head(self.dense_hidden[b]).float(), -1)
-                    total += float(F.kl_div(F.log_softmax(logits, -1), dense, log_target=True,
-                                            reduction="sum"))
+                    dense = self.dense[b] if self.dense_is_logp else F.log_softmax(head(self.dense[b]).float(), -1)
+                    total += float(F.kl_div(F.log_softmax(logits, -1), dense, log_target=True, reduction="sum"))
                     count += batch.numel()
                 else:
                     total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
                                                    reduction="sum"))
                     count += batch[:, 1:].numel()
+        self.recent = (np.asarray(levels).copy(), recent)
         self.evaluations += 1
         self.tokens += sum(self.batches[b].numel() for b in range(n))
-        return total / count
+        self.memo[key] = total / count
+        return self.memo[key]

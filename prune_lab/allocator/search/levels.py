@@ -57,10 +57,14 @@ def removed_params(parts: list[Part], levels: np.ndarray) -> int:
 
 @dataclass
 class Database:
-    """Per part: the greedy removal order of its units and the refit weight of every level."""
+    """Per part: the greedy removal order of its units, the refit weight of every level and its output
+    error tr((W - W_l) G (W - W_l)ᵀ) on the calibration inputs (G their Gram), over the part's dense
+    output energy tr(W G Wᵀ)."""
     parts: list[Part]
     order: list[list[int]] = field(default_factory=list)
     weights: list[list[torch.Tensor]] = field(default_factory=list)
+    errors: list[list[float]] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +81,8 @@ class LevelBuilder(LayerMethod):
         self.by_key = {(p.layer, p.kind): i for i, p in enumerate(db.parts)}
         db.order = [[] for _ in db.parts]
         db.weights = [[] for _ in db.parts]
+        db.errors = [[] for _ in db.parts]
+        db.energy = [0.0 for _ in db.parts]
 
     def stages(self, view):
         return [["attn.o", "mlp.down"]]
@@ -93,13 +99,17 @@ class LevelBuilder(LayerMethod):
             chunk = self.chunk or max(1, math.ceil(k / 64))
             order = refit.obs_select(w, g, part.units, width, k, self.damp, chunk)[0] if k else []
             self.db.order[i] = order
-            levels = []
+            levels, errors = [], []
+            wg = w @ g                                        # W·C on the one (dense) stream: C = G
+            energy = float((wg * w).sum())
             for level in range(part.top + 1):
                 cut = torch.as_tensor(sorted(order[:part.removed(level)]), dtype=torch.long, device=w.device)
                 keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
                 keep[refit.block_columns(cut, width)] = False
                 new = lin.weight.detach().clone() if level == 0 else \
-                    refit.lstsq(w @ g, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
+                    refit.lstsq(wg, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
                 levels.append(new.cpu())
-            self.db.weights[i] = levels
+                d = w - new.double()
+                errors.append(float((d @ g * d).sum()) / energy if energy > 0 else 0.0)
+            self.db.weights[i], self.db.errors[i], self.db.energy[i] = levels, errors, energy
         return {}

@@ -1,31 +1,36 @@
-"""Recovery after pruning (twin of conf/finetune/*.yaml): none, LoRA (merged back), full.
+"""The lifecycle every recovery shares (finetune=none is NoFinetune here): seeded windows, the loop, the curve.
 
-Both trainers see random seq_len windows of the train stream, fixed by the seed, and write the
+Every trainer sees random seq_len windows of the train stream, fixed by the seed, and writes the
 loss curve (loss.csv + loss.png) to the run dir. The model is trained in place and stays a plain
-Hugging Face model with its pruned shapes.
+Hugging Face model with its pruned shapes. A trainer's options (lora.py, full.py, distill.py) choose what
+is trained (`wrap`/`unwrap`) and on what loss (`loss`).
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, write_text_atomic
-from .core.adapter import DECODER_LINEARS
-from .errors import PruneLabError
+from ..atomic import atomic_path, write_text_atomic
+from ..errors import PruneLabError
 
 
 class NoFinetune:
     """No recovery: the pruned model is evaluated as is."""
 
     enabled = False
+    needs_teacher = False
     split = None
 
-    def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None) -> dict:
+    def check_model(self, model) -> None:
+        pass
+
+    def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None, **context) -> dict:
         return {}
 
 
@@ -93,6 +98,7 @@ class Trainer:
 
     method = "train"
     enabled = True
+    needs_teacher = False       # distill: the recipe keeps the dense model's teacher before compressing
 
     def __init__(self, lr: float = 2e-4, max_steps: int = 200, epochs: int | None = None,
                  batch_size: int = 8, seq_len: int = 256, split: str = "train",
@@ -106,6 +112,9 @@ class Trainer:
         self.batch_size, self.seq_len, self.split = batch_size, seq_len, split
         self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
 
+    def check_model(self, model: nn.Module) -> None:
+        """What the loaded model must offer (LoRA's target modules): checked right after loading."""
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to train (its trainable parameters are optimised)."""
         return model
@@ -113,31 +122,46 @@ class Trainer:
     def unwrap(self, trained: nn.Module, model: nn.Module) -> None:
         """Fold the training back into `model`, in place."""
 
-    def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None) -> dict:
-        torch.manual_seed(seed)   # LoRA init and dropout
+    def loss(self, trained: nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """The step's loss and its named parts (logged as first_<part> / final_<part>): next-token CE."""
+        return trained(input_ids=batch, labels=batch).loss, {}
+
+    @contextmanager
+    def session(self, model: nn.Module, **context):
+        """Set-up around the loop (distill: the teacher and the hidden-state hooks)."""
+        yield
+
+    def sampler(self, stream: torch.Tensor, seed: int) -> tuple[WindowSampler, int]:
+        """The seeded windows and the number of steps: the same batches for the same seed."""
         sampler = WindowSampler(stream, self.seq_len, self.batch_size, seed)
-        steps = self.epochs * sampler.steps_per_epoch if self.epochs else self.max_steps
+        return sampler, self.epochs * sampler.steps_per_epoch if self.epochs else self.max_steps
+
+    def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None, **context) -> dict:
+        torch.manual_seed(seed)   # LoRA init and dropout
+        sampler, steps = self.sampler(stream, seed)
         device, requires_grad = model.device, {n: p.requires_grad for n, p in model.named_parameters()}
         trained = self.wrap(model)
         params = [p for p in trained.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor(steps))
-        curve, start = LossCurve(), time.time()
+        curve, parts, start = LossCurve(), {}, time.time()
         trained.train()
         bar = tqdm(zip(range(steps), sampler), total=steps, desc=f"finetune {self.method}", leave=False)
-        for step, batch in bar:
-            batch = batch.to(device)
-            loss = trained(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise PruneLabError(f"finetune loss became {loss.item()} at step {step}: lower finetune.lr")
-            loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.add(step + 1, loss.item(), schedule.get_last_lr()[0])
-            schedule.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        with self.session(model, **context):
+            for step, batch in bar:
+                loss, named = self.loss(trained, batch.to(device), step)
+                if not torch.isfinite(loss):
+                    raise PruneLabError(f"finetune loss became {loss.item()} at step {step}: lower finetune.lr")
+                loss.backward()
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                curve.add(step + 1, loss.item(), schedule.get_last_lr()[0])
+                for k, v in named.items():
+                    parts.setdefault(k, []).append(v)
+                schedule.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         self.unwrap(trained, model)
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, True))
@@ -147,6 +171,8 @@ class Trainer:
         return {"method": self.method, "steps": steps, "tokens": steps * self.batch_size * self.seq_len,
                 "first_loss": curve.rows[0][1], "final_loss": curve.tail_mean(),
                 "trainable_params": sum(p.numel() for p in params),
+                **{f"{end}_{k}": v for k, vs in parts.items()
+                   for end, v in (("first", vs[0]), ("final", sum(vs[-10:]) / len(vs[-10:])))},
                 "time_s": round(time.time() - start, 2)}
 
     def lr_factor(self, steps: int):
@@ -158,55 +184,3 @@ class Trainer:
             progress = (step - warmup) / max(1, steps - warmup)
             return 0.5 * (1 + math.cos(math.pi * progress))
         return factor
-
-
-class Full(Trainer):
-    """Full fine-tuning: every parameter, AdamW."""
-
-    method = "full"
-
-    def __init__(self, lr: float = 5e-5, **train):
-        super().__init__(lr=lr, **train)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-
-class LoRA(Trainer):
-    """peft LoRA on the named Linear modules, merged back with merge_and_unload."""
-
-    method = "lora"
-
-    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | tuple[str, ...] = tuple(DECODER_LINEARS), lr: float = 2e-3,
-                 **train):
-        super().__init__(lr=lr, **train)
-        if r < 1 or alpha <= 0 or not 0 <= dropout < 1 or not target_modules:
-            raise PruneLabError("finetune=lora needs r >= 1, alpha > 0, 0 <= dropout < 1 "
-                                "and at least one target module")
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules = list(target_modules)
-
-    def check_targets(self, model: nn.Module) -> None:
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        unknown = [t for t in self.target_modules if t not in names]
-        if unknown:
-            raise PruneLabError(f"finetune.target_modules {unknown} match no Linear layer in the model "
-                                f"(it has: {', '.join(sorted(names))})")
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-        self.check_targets(model)
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
-
-    def unwrap(self, trained: nn.Module, model: nn.Module) -> None:
-        merged = trained.merge_and_unload()
-        if merged is not model:   # peft edits the model in place; the pipeline keeps its reference
-            raise RuntimeError("peft merge_and_unload returned a new model object")
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in model.__dict__:
-                delattr(model, attr)
