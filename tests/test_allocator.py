@@ -228,6 +228,25 @@ def test_global_table_columns_and_ascending_order(fine):
     assert table["pruned"].sum() == sum(map(len, plan.attn.values())) + sum(map(len, plan.mlp.values()))
 
 
+def test_global_standardized_scores_are_flaps_per_layer_z_scores_and_ignore_a_layers_scale(fine):
+    """score_norm=standardize (FLAP AL-AM): z-scores within each layer's groups / channels, so a layer
+    whose scores are all 1000x larger loses as many units as before, not none."""
+    views, scores = fine
+    allocator = Global(0.3, score_norm="standardize")
+    plan = allocator(scores, views)
+    table = allocator.table
+    for (layer, kind), rows in table.groupby(["layer", "type"]):     # slow reference, one part at a time
+        imp = rows["importance"].to_numpy()
+        assert np.allclose(rows["score"], (imp - imp.mean()) / imp.std(ddof=1))
+    scaled = UnitScores([s.clone() for s in scores.attn], [s.clone() for s in scores.mlp])
+    scaled.attn[4] *= 1000
+    scaled.mlp[4] *= 1000
+    assert counts(Global(0.3, score_norm="standardize")(scaled, views), 6) == counts(plan, 6)
+    assert counts(Global(0.3)(scaled, views), 6)[1][4] == 0            # importance / cost: spared
+    with pytest.raises(PruneLabError, match="allocator.score_norm must be one of none, standardize"):
+        Global(0.3, score_norm="zscore")
+
+
 def test_global_without_removal_keeps_a_group_and_a_channel_everywhere(fine):
     views, scores = fine
     scores = UnitScores([s.clone() for s in scores.attn], [s.clone() for s in scores.mlp])

@@ -313,3 +313,61 @@ def test_asymmetric_target_absorbs_the_residual_drift():
     plain = asymmetric_target(w, stats, factor)
     absorbed = asymmetric_target(w, replace(stats, resid_cross=drift.T @ xt), factor)
     assert asym_err(w, absorbed, x, xt, drift) < 0.9 * asym_err(w, plain, x, xt, drift)
+
+
+@pytest.mark.parametrize("target", [2.5, 3.5, 4.0, 4.6, 6.0, 7.5])
+def test_quantile_shifts_its_boundaries_to_meet_the_target(target):
+    scores = torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    costs = torch.randint(32, 96, (2000,), generator=torch.Generator().manual_seed(1)).float()
+    bits = allocate_bits(scores, costs, [2, 3, 4, 6, 8], "quantile", target)
+    assert ((bits.float() * costs).sum() / costs.sum()).item() == pytest.approx(target, abs=0.01)
+    ranked = bits[scores.argsort()]
+    assert (ranked.diff() >= 0).all()                      # the score order is kept: only boundaries move
+    assert set(bits.unique().tolist()) <= {2, 3, 4, 6, 8}
+
+
+def test_custom_quantile_boundaries_and_their_implied_average():
+    scores = torch.linspace(0, 1, 1000)
+    bits = allocate_bits(scores, torch.ones(1000), [2, 4, 8], "quantile", None, quantiles=[0.5, 0.9])
+    assert torch.equal(torch.bincount(bits)[[2, 4, 8]], torch.tensor([500, 400, 100]))
+    check_allocation([2, 4, 8], [1] * 5, "quantile", 3.4, quantiles=[0.5, 0.9])     # 0.5·2 + 0.4·4 + 0.1·8
+    with pytest.raises(PruneLabError, match=r"give 3.400 bits on average, not quant.target_avg_bits=4.0"):
+        check_allocation([2, 4, 8], [1] * 5, "quantile", 4.0, quantiles=[0.5, 0.9])
+    for bad in ([0.9, 0.5], [0.5], [0.5, 1.2]):
+        with pytest.raises(PruneLabError, match="quant.quantiles must be 2 non-decreasing"):
+            check_allocation([2, 4, 8], [1] * 5, "quantile", None, quantiles=bad)
+    with pytest.raises(PruneLabError, match="quant.allocation=quantile's boundaries"):
+        check_allocation([2, 4, 8], [1] * 5, "budget", 4.0, quantiles=[0.5, 0.9])
+
+
+@pytest.mark.parametrize("target", [3.0, 4.0, 5.0])
+def test_threshold3_scales_its_thresholds_to_the_target(target):
+    scores = torch.distributions.LogNormal(0.0, 0.5).sample((3000,))
+    bits = allocate_bits(scores, torch.ones(3000), [2, 3, 4, 6, 8], "threshold3", target, thresholds=(0.5, 1.2))
+    assert bits.float().mean().item() == pytest.approx(target, abs=0.01)
+    assert set(bits.unique().tolist()) == {2, 4, 8} and (bits[scores.argsort()].diff() >= 0).all()
+
+
+def test_layer_avg_bits_give_a_layer_its_own_average(tmp_path):
+    from conftest import compose_job, tiny_overrides, write_small_corpus
+    from prune_lab.recipes import run
+    corpus = write_small_corpus(tmp_path)
+    for allocation in ("budget", "quantile"):
+        cfg = compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
+                          f"data.test={corpus}/test.txt", "output.plots=false", "method=sparsegpt",
+                          "method.sparsity=0", "method.blocksize=16", "quant=mixed", f"quant.allocation={allocation}",
+                          "quant.target_avg_bits=4.0", "++quant.layer_avg_bits={0:6,2:3}")
+        run(cfg, tmp_path / allocation)
+        import json
+        compression = json.loads((tmp_path / allocation / "metrics.json").read_text())["compression"]
+        got = [e["avg_bits"] for e in compression["per_layer"]]
+        assert [round(b, 1) for b in got] == [6.0, 4.0, 3.0], (allocation, got)
+
+
+def test_layer_avg_bits_beyond_the_model_is_one_line(tmp_path):
+    from conftest import run_cli, tiny_overrides
+    proc = run_cli(*tiny_overrides("llama"), "method=sparsegpt", "method.sparsity=0", "quant=mixed",
+                   "++quant.layer_avg_bits={7:3}", run_dir=tmp_path / "run", cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert [x for x in proc.stderr.splitlines() if "error" in x.lower()] == [
+        "prune_lab: error: quant.layer_avg_bits names layer(s) [7], but the model has 3 layers (0..2)"]

@@ -5,11 +5,17 @@ import numpy as np
 import pandas as pd
 
 from ..core.plan import PruningPlan
+from ..errors import PruneLabError
 from .base import Allocator, take_in_order
 
 
-def unit_table(scores, views) -> pd.DataFrame:
-    """Every GQA group and MLP channel: layer, type, index, importance, cost, score = I/C."""
+SCORE_NORMS = ("none", "standardize")
+
+
+def unit_table(scores, views, score_norm: str = "none") -> pd.DataFrame:
+    """Every GQA group and MLP channel: layer, type, index, importance, cost, score = I/C; with
+    score_norm="standardize" (FLAP's AL-AM) score = (I - mean) / std within each layer's groups or
+    channels, compared across layers as they are (the cost only counts towards the budget)."""
     parts = []
     for v in views:
         for kind, imp, cost in (("attn_group", scores.attn[v.index], v.attn.group_cost),
@@ -18,7 +24,12 @@ def unit_table(scores, views) -> pd.DataFrame:
             parts.append(pd.DataFrame({"layer": v.index, "type": kind, "index": np.arange(len(imp)),
                                        "importance": imp, "cost": cost}))
     df = pd.concat(parts, ignore_index=True)
-    df["score"] = df["importance"] / df["cost"]
+    if score_norm == "standardize":
+        by = df.groupby(["layer", "type"])["importance"]
+        std = by.transform("std").fillna(0.0)
+        df["score"] = ((df["importance"] - by.transform("mean")) / std.where(std > 0, 1.0))
+    else:
+        df["score"] = df["importance"] / df["cost"]
     return df
 
 
@@ -35,14 +46,17 @@ class Global(Allocator):
     """
 
     def __init__(self, ratio: float = 0.25, remove_empty_layers: bool = False,
-                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
+                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
+                 score_norm: str = "none"):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
-        self.remove_empty_layers = remove_empty_layers
+        if score_norm not in SCORE_NORMS:
+            raise PruneLabError(f"allocator.score_norm must be one of {', '.join(SCORE_NORMS)}, got '{score_norm}'")
+        self.remove_empty_layers, self.score_norm = remove_empty_layers, score_norm
 
     def __call__(self, scores, views, layer_importance=None) -> PruningPlan:
         self.check_inputs(views, scores)
         target = self.target(views)
-        df = unit_table(scores, views)
+        df = unit_table(scores, views, self.score_norm)
         df["allowed"] = self.eligible(views)[df["layer"].to_numpy()]
         df = df.sort_values(["score", "layer", "type", "index"], kind="stable").reset_index(drop=True)
         if self.remove_empty_layers:

@@ -108,7 +108,7 @@ class Unstructured(LayerMethod):
                 if self.needs_cross:                                             # sweep on W0, not W
                     weights[p] = asymmetric_target(weights[p], s, factors[p], self.asymmetric)
         hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
-        bits, ranges = self.quant.allocate(weights, stats, hinv_diags)
+        bits, ranges = self.quant.allocate(weights, stats, hinv_diags, layer=index)
         record = {}
         for p, lin in linears.items():
             w_old = lin.weight.data

@@ -38,7 +38,8 @@ def channel_scores(dims: Tensor, weights: Tensor) -> Tensor:
     return dims @ (weights.to(dims) / weights.sum())
 
 
-def check_allocation(bits_options, weights, allocation: str, target_avg_bits: float | None) -> None:
+def check_allocation(bits_options, weights, allocation: str, target_avg_bits: float | None,
+                     quantiles=None, layer_avg_bits=None) -> None:
     """Configuration errors, raised when the quantizer is built (before any heavy work)."""
     check_bits_options(bits_options)
     if len(weights) != len(DIMENSIONS) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
@@ -49,11 +50,68 @@ def check_allocation(bits_options, weights, allocation: str, target_avg_bits: fl
     if allocation == "threshold3" and not {2, 4, 8} <= set(bits_options):
         raise PruneLabError(f"quant.allocation=threshold3 needs 2, 4 and 8 in quant.bits_options, "
                             f"got {list(bits_options)}")
-    if allocation == "budget":
-        lo, hi = min(bits_options), max(bits_options)
-        if target_avg_bits is None or not lo <= target_avg_bits <= hi:
-            raise PruneLabError(f"quant.target_avg_bits={target_avg_bits} is outside "
-                                f"[{lo}, {hi}], the range of quant.bits_options")
+    lo, hi = (2, 8) if allocation == "threshold3" else (min(bits_options), max(bits_options))
+    targets = {"quant.target_avg_bits": target_avg_bits,
+               **{f"quant.layer_avg_bits.{k}": v for k, v in (layer_avg_bits or {}).items()}}
+    for key, value in targets.items():
+        if (value is None and key == "quant.target_avg_bits" and allocation == "budget") or \
+                (value is not None and not lo <= value <= hi):
+            what = "the range threshold3's 2 / 4 / 8 bits can meet" if allocation == "threshold3" else \
+                "the range of quant.bits_options"
+            raise PruneLabError(f"{key}={value} is outside [{lo}, {hi}], {what}")
+    if any(int(k) < 0 for k in layer_avg_bits or {}):
+        raise PruneLabError(f"quant.layer_avg_bits keys are layer indices >= 0, got {dict(layer_avg_bits)}")
+    if quantiles is not None:
+        if allocation != "quantile":
+            raise PruneLabError(f"quant.quantiles sets quant.allocation=quantile's boundaries, "
+                                f"not {allocation}'s: drop it or set quant.allocation=quantile")
+        q = list(quantiles)
+        if len(q) != len(bits_options) - 1 or any(not 0 <= a <= b <= 1 for a, b in zip([0, *q], [*q, 1])):
+            raise PruneLabError(f"quant.quantiles must be {len(bits_options) - 1} non-decreasing cumulative "
+                                f"weight shares in [0, 1] (one boundary between each pair of bits_options), got {q}")
+        implied = implied_average(bits_options, q)
+        for key, value in targets.items():
+            if value is not None and abs(implied - value) > 0.01:
+                raise PruneLabError(f"quant.quantiles {q} give {implied:.3f} bits on average, not {key}={value}: "
+                                    f"set {key}=null (or {implied:.3f})")
+
+
+def implied_average(options, quantiles) -> float:
+    """The average bits of cumulative boundaries `quantiles` over the sorted options."""
+    bounds = [0.0, *quantiles, 1.0]
+    return sum(b * (bounds[i + 1] - bounds[i]) for i, b in enumerate(sorted(options)))
+
+
+def quantile_shares(opts: Tensor, target: float | None, quantiles=None) -> Tensor:
+    """Weight share of each (ascending) option: the given boundaries, equal shares (target None), or
+    shares tilted towards the low or high options, w_i ∝ exp(θ·b_i) with θ by bisection so that
+    Σ w_i·b_i = target: the quantile boundaries shift, the order by score is kept."""
+    if quantiles is not None:
+        return torch.tensor([0.0, *quantiles, 1.0], dtype=torch.float64).diff()
+    if target is None:
+        return torch.full_like(opts, 1 / len(opts))
+    if target <= opts[0] or target >= opts[-1]:
+        return (opts == (opts[0] if target <= opts[0] else opts[-1])).double()
+    lo, hi = -60.0 / float(opts[-1]), 60.0 / float(opts[-1])
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        w = (mid * opts).softmax(0)
+        lo, hi = (mid, hi) if (w * opts).sum() < target else (lo, mid)
+    return (hi * opts).softmax(0)
+
+
+def scaled_thresholds(raw: Tensor, c: Tensor, thresholds, target: float) -> tuple[float, float]:
+    """threshold3 at an average: both thresholds times one factor (bisection in log space), the one
+    whose average is nearest the target."""
+    def avg(f: float) -> float:
+        bits = torch.where(raw < thresholds[0] * f, 2.0, torch.where(raw <= thresholds[1] * f, 4.0, 8.0)).double()
+        return float((bits * c).sum() / c.sum())
+    lo, hi = -30.0, 30.0                                      # log factor: more bits at lo
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if avg(math.exp(mid)) > target else (lo, mid)
+    f = min((math.exp(lo), math.exp(hi)), key=lambda f: abs(avg(f) - target))
+    return thresholds[0] * f, thresholds[1] * f
 
 
 def check_scoring(thresholds, score_power: float) -> None:
@@ -68,26 +126,29 @@ def check_scoring(thresholds, score_power: float) -> None:
 
 def allocate_bits(scores: Tensor, costs: Tensor, options, allocation: str,
                   target_avg_bits: float | None = None, thresholds=(0.5, 1.2), power: float = 1.0,
-                  errors: Tensor | None = None) -> Tensor:
+                  errors: Tensor | None = None, quantiles=None) -> Tensor:
     """Bits per channel from its score; `costs` = weights per channel (the average is over weights).
 
-    quantile: equal shares of the weights per option by score quantile (average = mean of options);
+    quantile: shares of the weights per option by score quantile — `quantiles` (cumulative boundaries),
+    or shifted to average target_avg_bits (quantile_shares), or equal (target None: the mean of options);
     budget: average exactly target_avg_bits (within one channel's smallest step), minimising
     Σ score^power · error(bits) where error is `errors` (channels × options, e.g. the measured
     quantization error of each channel at each option) or, without it, costs · 4^(−bits): higher
-    scores get more bits; threshold3: 2 / 4 / 8 bits below / between / above the two thresholds.
+    scores get more bits; threshold3: 2 / 4 / 8 bits below / between / above the two thresholds (both
+    scaled by one factor to average target_avg_bits when it is set).
     """
     opts = torch.tensor(sorted(options), dtype=torch.float64)
     s, c = scores.double().cpu(), costs.double().cpu()
     if allocation == "threshold3":
-        lo, hi = thresholds
         raw = scores.cpu()                                  # compare in the scores' own precision
+        lo, hi = thresholds if target_avg_bits is None else scaled_thresholds(raw, c, thresholds, target_avg_bits)
         bits = torch.where(raw < lo, 2.0, torch.where(raw <= hi, 4.0, 8.0)).double()
     elif allocation == "quantile":
         order = s.argsort()
         share = (c[order].cumsum(0) - c[order] / 2) / c.sum()     # cumulative weight share, midpoint
+        bounds = quantile_shares(opts, target_avg_bits, quantiles).cumsum(0)[:-1]
         idx = torch.empty_like(order)
-        idx[order] = (share * len(opts)).long().clamp(max=len(opts) - 1)
+        idx[order] = torch.searchsorted(bounds, share, right=True).clamp(max=len(opts) - 1)
         bits = opts[idx]
     else:
         err = errors.double().cpu() if errors is not None else c[:, None] * 4.0 ** (-opts)[None, :]

@@ -1,6 +1,8 @@
 """quant=mixed: bits per output channel from its activation-aware score (the math: allocation.py)."""
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
@@ -11,6 +13,7 @@ from .allocation import (
     check_allocation,
     check_scoring,
 )
+from ..errors import PruneLabError
 from .grid import RowQuantizer, quantize_rtn
 from .uniform import Uniform
 
@@ -19,21 +22,39 @@ class Mixed(Uniform):
     """quant=mixed: bits per output channel from its activation-aware score (see allocate_bits).
 
     The allocation runs over all linears of an engine stage together (their scores are normalised per
-    linear), so `budget` holds per stage and hence for the whole model."""
+    linear), so the average bits hold per stage and hence per layer and for the whole model: every
+    allocation meets `target_avg_bits` (budget and quantile to one channel's step; threshold3 as near as its
+    scaled thresholds allow; null: quantile's equal shares, threshold3's fixed thresholds), a layer of
+    `layer_avg_bits` {layer: bits} its own average instead; `quantiles` are quantile's own cumulative
+    boundaries (their average must be the target's, or the target null)."""
 
     def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
                  allocation: str = "budget", target_avg_bits: float | None = 4.0,
                  thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
-                 act_order: bool = False, score_power: float = 1.0):
-        check_allocation(list(bits_options), list(weights), allocation, target_avg_bits)
+                 act_order: bool = False, score_power: float = 1.0, quantiles=None,
+                 layer_avg_bits=MappingProxyType({})):
+        layer_avg_bits = {int(k): float(v) for k, v in (layer_avg_bits or {}).items()}
+        quantiles = None if quantiles is None else [float(q) for q in quantiles]
+        check_allocation(list(bits_options), list(weights), allocation, target_avg_bits, quantiles, layer_avg_bits)
         check_scoring(list(thresholds), float(score_power))
         super().__init__(int(min(bits_options)), sym, group_size, bits_options, act_order)
         self.weights = torch.tensor([float(w) for w in weights])
         self.allocation, self.target_avg_bits = allocation, target_avg_bits
         self.thresholds, self.score_power = tuple(thresholds), float(score_power)
+        self.quantiles, self.layer_avg_bits = quantiles, layer_avg_bits
 
-    def allocate(self, weights, stats, hinv_diags):
-        """(bits per path, score range per path) for the linears of one stage."""
+    def check_model(self, views) -> None:
+        """quant.layer_avg_bits names layers the model has (right after loading)."""
+        beyond = sorted(k for k in self.layer_avg_bits if k >= len(views))
+        if beyond:
+            raise PruneLabError(f"quant.layer_avg_bits names layer(s) {beyond}, but the model has {len(views)} "
+                                f"layers (0..{len(views) - 1})")
+
+    def target(self, layer: int | None) -> float | None:
+        return self.layer_avg_bits.get(layer, self.target_avg_bits)
+
+    def allocate(self, weights, stats, hinv_diags, layer: int | None = None):
+        """(bits per path, score range per path) for the linears of one stage of decoder layer `layer`."""
         scores = {p: channel_scores(channel_dimensions(w, stats[p].mean_abs, stats[p].sum_sq / max(stats[p].count, 1),
                                                        stats[p].var, hinv_diags[p]), self.weights).cpu()
                   for p, w in weights.items()}
@@ -42,8 +63,8 @@ class Mixed(Uniform):
         errors = None
         if self.allocation == "budget":
             errors = torch.cat([self.rtn_errors(w, stats[p]) for p, w in weights.items()])
-        bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target_avg_bits,
-                             self.thresholds, self.score_power, errors)
+        bits = allocate_bits(flat, costs, self.bits_options, self.allocation, self.target(layer),
+                             self.thresholds, self.score_power, errors, self.quantiles)
         out = dict(zip(scores, bits.split([len(s) for s in scores.values()])))
         ranges = {p: (float(s.min()), float(s.max())) for p, s in scores.items()}
         return out, ranges

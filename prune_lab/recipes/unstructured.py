@@ -42,6 +42,7 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     refuse_structured_options(cfg, method)
     load(job, calibrates=True)
     method.check_model(layer_views(job.model))     # N:M against the layers' widths, before any work
+    quant.check_model(layer_views(job.model))      # quant.layer_avg_bits' layers
     evaluate_dense(job)
     keep_teacher(job)                              # finetune=distill: the dense model, before the engine pass
     summary = compress(job, method, quant, engine)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -60,6 +60,8 @@ class MixedQuantConf(QuantConf):
     group_size: Optional[int] = None
     act_order: bool = False
     score_power: float = 1.0                 # budget: minimise sum score^p * error(bits)
+    quantiles: Optional[List[float]] = None  # quantile: cumulative weight-share boundaries (len(bits_options) - 1)
+    layer_avg_bits: Dict[int, float] = field(default_factory=dict)   # {layer: average bits} instead of target_avg_bits
 
 
 # ---- finetune ------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class LayerwiseConf(AllocatorConf):
 class GlobalConf(AllocatorConf):
     _target_: str = "prune_lab.allocator.Global"
     remove_empty_layers: bool = False
+    score_norm: str = "none"                 # none: importance / cost | standardize: FLAP's per-layer z-scores
 
 
 @dataclass
