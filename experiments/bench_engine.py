@@ -208,7 +208,7 @@ def main() -> None:
         bench_width(work, [int(w) for w in args.widths.split(",")], args.slow_max)
     elif args.row == "smollm2":
         from bench_engine_smollm2 import bench_smollm2
-        bench_smollm2(work, args.layers, args.rounds)
+        bench_smollm2(work, args.layers, args.rounds, args.only.split("|") if args.only else None)
     elif args.row == "sparsegpt" and args.inner:
         from bench_engine_llmc import bench_sparsegpt
         bench_sparsegpt(work, args.only.split("|") if args.only else None, args.windows)

@@ -2,7 +2,8 @@
 the default calibration, 64 x 256 tokens), old revision and this tree side by side in one process, on the
 first --layers decoder layers (the old engine takes ~50 s a layer on 2 shared cores; the whole 30-layer pass
 is not run here), with two fixed-count plans near the default job's (its global 25% plan removes 13824 of
-46080 MLP channels and 9 of 90 KV groups: ~461 channels a layer): MLP only, and MLP + 1 KV group a layer."""
+46080 MLP channels and 9 of 90 KV groups: ~461 channels a layer): MLP only, and MLP + 1 KV group a layer
+(--only "MLP only, 461 channels/layer" for the first alone)."""
 from __future__ import annotations
 
 import copy
@@ -29,13 +30,14 @@ def smollm2_batches():
     return model, batches
 
 
-def bench_smollm2(work: Path, layers: int, rounds: int) -> None:
+def bench_smollm2(work: Path, layers: int, rounds: int, only: list[str] | None = None) -> None:
     import prune_lab
     old = old_package(OLD, work)
     model, batches = smollm2_batches()
     model.model.layers = model.model.layers[:layers]
     model.config.num_hidden_layers = layers
     plans = {"MLP only, 461 channels/layer": (0, 461), "1 KV group + 461 channels/layer": (1, 461)}
+    plans = {k: v for k, v in plans.items() if not only or k in only}
 
     def forward():
         with torch.no_grad():
