@@ -1,5 +1,5 @@
 """The structured family's recipe (method=structured): load -> score -> allocate -> reconstruct ->
-prune -> evaluate -> (recover -> evaluate) -> save.
+prune -> (quant=uniform|mixed: GPTQ pass) -> evaluate -> (recover -> evaluate) -> save.
 
 Read `run` top to bottom; every component comes from its config node's `_target_`, every stage is a
 function below. The unstructured family's recipe is recipes/unstructured.py.
@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..allocator import align_plan, check_alignment
+from ..artifacts.compression import save_compression
 from ..artifacts.export import check_bias_refit, plain_config
 from ..artifacts.layer_table import layer_table, write_layer_table
 from ..artifacts.plots import write_run_plots
@@ -28,6 +29,7 @@ from ..core.plan import PruningPlan
 from ..core.verify import require_passed, verify_pruning
 from ..errors import PruneLabError
 from ..reconstruct import summarize
+from .compress import quantize_pruned
 from .common import (
     Job,
     JobResult,
@@ -54,6 +56,7 @@ class Parts:
     allocator: Any | None             # allocator=none (analyse only): None
     reconstructor: Any
     engine: Any
+    quant: Any | None = None          # quant=uniform|mixed: GPTQ over the pruned model
 
     @property
     def prunes(self) -> bool:          # allocator.ratio=0: evaluate only
@@ -75,7 +78,7 @@ class Parts:
 def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     job = build_job(cfg, run_dir, record)
     parts = build_parts(job)
-    load(job, calibrates=parts.wants_units or parts.wants_layers)
+    load(job, calibrates=parts.wants_units or parts.wants_layers or parts.quant is not None)
     views = layer_views(job.model)                       # the dense model's layers, for every stage below
     check_before_scoring(job, parts, views)
     evaluate_dense(job)
@@ -89,13 +92,18 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
                       parts.layer_importance.name if layer_scores is not None else None)
     plan = reconstruct(job, parts, plan)
     prune(job, parts, plan)
+    gptq = extra = None
+    if parts.quant is not None and parts.allocator is not None:
+        gptq, summary = quantize_pruned(job, parts.quant, parts.engine, record["model"]["dense"])
+        extra = lambda tmp: save_compression(tmp, gptq, parts.quant, summary)    # noqa: E731
     results = record.metrics.get("dense", {})
     if parts.allocator is not None:
-        if parts.prunes or not job.evaluator.before:
+        if parts.prunes or gptq or not job.evaluator.before:
             results = evaluate(job, tag="pruned")
         record["pruned"] = results     # ratio 0 with eval.before: the dense results, evaluated once
-        results = recover(job, results, removed_layers=plan.layers if plan is not None else ())
-    save(job)
+        results = recover(job, results, kept=gptq.kept(job.model) if gptq else None, extra=extra,
+                          removed_layers=plan.layers if plan is not None else ())
+    save(job, extra=extra)
     if cfg.output.plots:
         with record.stage("plots"):
             write_run_plots(run_dir, plan, scores, layer_scores, views_before=views)
@@ -103,14 +111,11 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
 
 
 def build_parts(job: Job) -> Parts:
-    cfg = job.cfg
-    if build(cfg.quant).enabled:
-        raise PruneLabError("quant=uniform|mixed needs method=sparsegpt|wanda|magnitude "
-                            "(structured pruning does not quantize)")
+    cfg, quant = job.cfg, build(job.cfg.quant)
     parts = Parts(importance=build(cfg.importance),
                   layer_importance=build(cfg.layer_importance) if cfg.layer_importance else None,
                   allocator=build(cfg.allocator) if cfg.allocator else None,
-                  reconstructor=build(cfg.reconstruct), engine=build(cfg.engine))
+                  reconstructor=build(cfg.reconstruct), engine=build(cfg.engine), quant=quant if quant.enabled else None)
     if parts.allocator is not None and parts.allocator.needs_layer_importance and parts.layer_importance is None:
         raise PruneLabError(f"{type(parts.allocator).__name__.lower()} allocation needs layer importance: "
                             f"set layer_importance=removal or activation")
@@ -118,7 +123,7 @@ def build_parts(job: Job) -> Parts:
         asked = (("output.save_model", "true", cfg.output.save_model, "save"),
                  ("output.export", "hf", cfg.output.export, "export"),
                  ("finetune", type(job.finetuner).__name__.lower(), job.finetuner.enabled, "recover"),
-                 ("verify", "true", cfg.verify, "verify"))
+                 ("verify", "true", cfg.verify, "verify"), ("quant", "uniform|mixed", quant.enabled, "quantize"))
         for key, value, on, verb in asked:
             if on:
                 raise PruneLabError(f"{key}={value} with allocator=none: an analyse-only job prunes nothing to "

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from ..artifacts.compression import (
-    linear_table,
-    save_compression,
-    summarise,
-    write_tables,
-)
-from ..atomic import atomic_path
+from ..artifacts.compression import save_compression
 from ..core.adapter import layer_views
 from ..errors import PruneLabError
+from .compress import compress
 from .common import (
     Job,
     JobResult,
@@ -65,22 +60,3 @@ def refuse_structured_options(cfg, method) -> None:
     if cfg.verify:
         raise PruneLabError(f"verify=true proves that sliced units equal zeroed ones (method=structured); "
                             f"method={method.name} slices nothing: drop verify=true")
-
-
-def compress(job: Job, method, quant, engine) -> dict:
-    """One engine pass; metrics.json `compression`, compression.csv (+ compression.png)."""
-    with job.record.stage("engine"):
-        batches = job.calibration_batches()
-        job.record["data_fingerprint"] = {"calibration": job.dataset.fingerprint(job.calibration.split)}
-        records = engine.walk(job.model, batches, method)
-    table = linear_table(records)
-    summary = job.record["compression"] = summarise(job.model, method, quant, table)
-    job.record["engine"] = {"layer_seconds": [round(r["seconds"], 3) for r in records]}
-    log.info("%s: sparsity %.4f, avg bits %s, %d -> %d bytes (%.3fx)", method.name, summary["sparsity"],
-             summary["avg_bits"], summary["dense_bytes"], summary["effective_bytes"], summary["size_ratio"])
-    if job.cfg.output.plots:
-        write_tables(job.run_dir, table, summary)
-    else:
-        with atomic_path(job.run_dir / "compression.csv") as tmp:
-            table.to_csv(tmp, index=False)
-    return summary

@@ -1,0 +1,77 @@
+"""method=structured quant=uniform|mixed: prune (with reconstruction), then GPTQ over the pruned model in one
+engine pass; metrics record the parameter ratio, average bits and bytes against the dense model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose_job, tiny_overrides, write_small_corpus
+from prune_lab import load_pruned
+from prune_lab.artifacts.compression import load_compression
+from prune_lab.core.adapter import layer_views, view_linears
+from prune_lab.recipes import run
+
+
+def job(tmp_path, *overrides):
+    corpus = write_small_corpus(tmp_path)
+    return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
+                       f"data.test={corpus}/test.txt", "output.plots=false", *overrides)
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("quant", [["quant=uniform", "quant.bits=4", "quant.group_size=16"],
+                                   ["quant=mixed", "quant.target_avg_bits=3.5"]])
+def test_structured_pruning_then_gptq_in_one_job(tmp_path, quant):
+    run(job(tmp_path, "allocator.ratio=0.25", *quant, "output.save_model=true"), tmp_path / "both")
+    run(job(tmp_path, "allocator.ratio=0.25"), tmp_path / "pruned")
+    both, pruned = metrics(tmp_path / "both"), metrics(tmp_path / "pruned")
+    assert both["status"] == "ok" and {"reconstruct", "prune", "engine"} <= set(both["timings_s"])
+    assert both["model"]["layers"] == pruned["model"]["layers"]          # the same pruned shapes
+    c = both["compression"]
+    target = 4.0 if quant[0] == "quant=uniform" else 3.5
+    assert c["method"] == "gptq" and c["avg_bits"] == pytest.approx(target, abs=0.02) and c["sparsity"] == 0
+    dense_params = both["model"]["dense"]["params_total"]
+    assert c["param_ratio_vs_dense"] == pytest.approx(both["model"]["pruned"]["params_total"] / dense_params)
+    assert c["decoder_param_ratio_vs_dense"] == pytest.approx(1 - both["plan"]["achieved_ratio"])
+    assert c["decoder_param_ratio_vs_dense"] < 0.8
+    assert c["dense_model_bytes"] == dense_params * 4                   # fp32
+    assert c["size_ratio_vs_dense"] == pytest.approx(c["effective_bytes"] / c["dense_model_bytes"])
+    assert c["size_ratio_vs_dense"] < c["size_ratio"] <= 1             # smaller than the pruned fp32 model
+    assert both["pruned"]["ppl/data"] != pruned["pruned"]["ppl/data"]
+    # the checkpoint holds the pruned shapes with every row on its grid, and reloads
+    model = load_pruned(tmp_path / "both" / "model")
+    _, bits, _ = load_compression(tmp_path / "both" / "model")
+    for v in layer_views(model):
+        for p, lin in view_linears(v).items():
+            b = bits[(v.index, p)]
+            for row in range(0, lin.weight.shape[0], 5):
+                groups = -(-lin.weight.shape[1] // 16) if quant[0] == "quant=uniform" else 1   # short last group
+                limit = 2 ** int(b[row]) * groups
+                assert len(torch.unique(lin.weight[row])) <= limit
+
+
+def test_quantized_structured_recovery_keeps_the_grid(tmp_path):
+    run(job(tmp_path, "allocator.ratio=0.25", "quant=uniform", "quant.bits=3", "finetune=full",
+            "finetune.max_steps=2", "finetune.lr=1e-2", "finetune.batch_size=2", "finetune.seq_len=32",
+            "output.save_model=true"), tmp_path / "run")
+    m = metrics(tmp_path / "run")
+    assert m["status"] == "ok" and m["recovered"] != m["pruned"]
+    for name in ("model", "model_pruned"):
+        model = load_pruned(tmp_path / "run" / name)
+        for v in layer_views(model):
+            for lin in view_linears(v).values():
+                assert all(len(torch.unique(row)) <= 8 for row in lin.weight)
+
+
+def test_an_analyse_only_job_refuses_a_quant_in_one_line(tmp_path):
+    from prune_lab.errors import PruneLabError
+    with pytest.raises(PruneLabError) as err:
+        run(job(tmp_path, "allocator=none", "quant=uniform"), tmp_path / "run")
+    assert str(err.value) == ("quant=uniform|mixed with allocator=none: an analyse-only job prunes nothing to "
+                              "quantize (choose an allocator, or drop quant)")
+    assert metrics(tmp_path / "run")["status"] == "failed"
