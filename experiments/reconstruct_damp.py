@@ -29,7 +29,7 @@ def main() -> None:
     plan = PruningPlan({i: [0] for i in range(n)}, {i: list(range(0, width, 4)) for i in range(n)})
     print("damp   err before -> after   refits worse than none")
     for damp in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0):
-        method = PlanRefit(plan, "lstsq", damp, fit_bias=False, obs_chunk=0, residual=True)
+        method = PlanRefit(plan, "lstsq", damp, fit_bias=False, obs_block=0, residual=True)
         Engine(device="cpu", progress=False).walk(copy.deepcopy(dense), batches, method)
         rows = method.rows
         before, after = (sum(r[k] for r in rows) / len(rows) for k in ("err_before", "err_after"))

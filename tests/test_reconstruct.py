@@ -136,7 +136,7 @@ def test_obs_chooses_units_keeps_counts_and_the_executor_matches(arch):
 def test_singular_gram_is_damped_never_nan():
     g = torch.zeros(6, 6, dtype=torch.float64)
     w = torch.randn(3, 6, dtype=torch.float64)
-    out = refit.lstsq(w, g, g, torch.arange(4), 0.01)
+    out = refit.lstsq(w @ g, g, torch.arange(4), 0.01)
     assert torch.isfinite(out).all()
     removed, errors = refit.obs_select(w, g, 6, 1, 2, 0.01)
     assert len(removed) == 2 and all(map(lambda e: e == e, errors))
@@ -200,6 +200,8 @@ def test_cli_verify_proves_the_executor_with_compensated_weights(mode, tmp_path)
     ("reconstruct.damp=0", "reconstruct.damp must be in (0, 1)"),
     ("reconstruct.damp=-0.5", "reconstruct.damp must be in (0, 1)"),
     ("calibration.n_samples=1", "needs at least 64 calibration tokens"),
+    ("reconstruct.obs_block=-1", "reconstruct.obs_block must be >= 0"),
+    ("reconstruct.obs_chunk=3", "reconstruct.obs_chunk is now reconstruct.obs_block"),
 ])
 def test_bad_reconstruct_input_is_one_line_exit_2(override, message, tmp_path):
     proc = run_cli(*tiny_overrides("llama"), override, tmp_path=tmp_path, check=False)     # the default: obs

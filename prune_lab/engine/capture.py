@@ -1,4 +1,5 @@
-"""Capture of what a model passes its decoder layers: recorder modules stand in for the layers."""
+"""Capture of what a model passes its decoder layers: recorder modules stand in for the layers; an
+attention stand-in lets the engine rerun a layer whose attention changed only in o_proj."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,6 +32,18 @@ class _Recorder(nn.Module):
         if self.last:
             raise _StopCapture
         return hidden_states
+
+
+class AttentionStandIn(nn.Module):
+    """Stands in for a layer's self_attn: o_proj applied to the o_proj inputs `z` kept from an earlier
+    pass of the same batch (valid while nothing before o_proj has changed since)."""
+
+    def __init__(self, o_proj: nn.Module, z: Tensor):
+        super().__init__()
+        self.o_proj, self.z = o_proj, z
+
+    def forward(self, *args, **kwargs):
+        return self.o_proj(self.z), None
 
 
 def split_batch(batch) -> tuple[Tensor, Tensor | None]:

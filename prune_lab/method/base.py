@@ -14,7 +14,7 @@ from torch import Tensor
 from ..core.adapter import LayerView, layer_views, view_linears
 from ..engine import LayerMethod
 from ..engine.hooks import Hooks
-from ..engine.stats import dense_energy, output_error
+from ..engine.stats import output_error
 from ..errors import PruneLabError
 from ..quant.base import NoQuant
 from ..quant.grid import RecordingQuantizer, quantize_rtn
@@ -102,14 +102,16 @@ class Unstructured(LayerMethod):
     def apply(self, index: int, view: LayerView, stats: dict) -> dict:
         linears = {p: lin for p, lin in view_linears(view).items() if p in stats}
         weights = {p: lin.weight.data for p, lin in linears.items()}
-        hessians, factors = {}, {}
+        hessians, factors, shared = {}, {}, {}
         if self.needs_gram:
             for p, s in stats.items():
                 if s.count == 0:
                     raise PruneLabError("the calibration set has no (unpadded) tokens: raise calibration.n_samples")
-                hessians[p] = s.gram * (2.0 / s.count)                           # H = 2·X~·X~ᵀ / n
-                factors[p] = inverse_hessian_factor(hessians[p], self.damp)
-                if self.needs_cross and s.cross is not None:                     # sweep on W0, not W
+                if id(s.gram) not in shared:                                     # q/k/v, gate/up: one input
+                    h = s.gram * (2.0 / s.count)                                 # H = 2·X~·X~ᵀ / n
+                    shared[id(s.gram)] = h, inverse_hessian_factor(h, self.damp)
+                hessians[p], factors[p] = shared[id(s.gram)]
+                if self.needs_cross:                                             # sweep on W0, not W
                     weights[p] = asymmetric_target(weights[p], s, factors[p], self.asymmetric)
         hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
         bits, ranges = self.quant.allocate(weights, stats, hinv_diags, layer=index)
@@ -119,8 +121,9 @@ class Unstructured(LayerMethod):
             new, mask = self.sparsify(weights[p], stats[p], hessians.get(p), factors.get(p), bits.get(p))
             err = None
             if hessians.get(p) is not None:     # ‖W·X − W'·X~‖² / ‖W·X‖² (X~ = X on one stream)
-                g, c, d = (t.double() for t in (stats[p].gram, stats[p].cross, stats[p].dense_gram))
-                err = output_error(w_old, new, g, c, d) / max(dense_energy(w_old, d), 1e-30)
+                s = stats[p]
+                energy = s.w_energy(w_old)
+                err = output_error(new, s.gram.double(), s.w_cross(w_old), energy) / max(float(energy), 1e-30)
             lin.weight.data.copy_(new)
             if self.spec.active:
                 self.masks[(index, p)] = mask.cpu()

@@ -41,13 +41,13 @@ def asymmetric_target(weight: Tensor, stats, factor: tuple[Tensor, Tensor], alph
     ridge-regularised towards W with the sweep's own damping (W0 == W exactly when X~ == X and R = 0);
     α < 1 takes that fraction of the correction (GPTAQ's own default is α = 0.25).
 
-    C = X·X~ᵀ (stats.cross), G = X~·X~ᵀ (stats.gram), R = Σ (h − h~)·x~ᵀ (stats.resid_cross, the
+    W·C with C = X·X~ᵀ (stats.w_cross), G = X~·X~ᵀ (stats.gram), R = Σ (h − h~)·x~ᵀ (stats.resid_cross, the
     residual-stream drift where the output lands; None = not absorbed). Since W0·X~ is the projection
     of W·X (+ drift) onto the row space of X~, ‖W·X − W'·X~‖² = const + ‖(W0 − W')·X~‖²: the OBS sweep
     run on W0 with H = 2·G minimises the asymmetric objective. `factor` = inverse_hessian_factor of
     H = 2·G/n, whose U gives (H + λI)⁻¹ = UᵀU."""
     u = factor[0].double()
-    rhs = weight.double() @ (stats.cross.double() - stats.gram.double())
+    rhs = stats.w_cross(weight) - weight.double() @ stats.gram.double()
     if stats.resid_cross is not None:
         rhs = rhs + stats.resid_cross.double().to(rhs.device)
     rhs = rhs * (2.0 * alpha / max(stats.count, 1))

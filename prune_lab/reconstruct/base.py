@@ -6,7 +6,8 @@ are refit on calibration statistics so that the layer's output changes as little
   none   nothing (plain slicing, no engine pass)
   bias   FLAP-style: b += W E[x] - W_K E[x~_K]  (a bias is added to o_proj/down_proj where missing)
   lstsq  W'_K = W C[:, K] (G_KK + λI)⁻¹ on the pruned path (see refit.py)
-  obs    greedy structured OBS picks *which* units inside each layer (the allocator's counts), then lstsq
+  obs    structured OBS picks *which* units inside each layer (the allocator's counts), then lstsq;
+         obs_block units per step (0: automatic, ceil(units/64) halved where they interact; 1: exact greedy)
 The model keeps its dense shape with the removed columns zeroed (the masked model); the executor
 then slices. The tensor math is in refit.py. The returned plan holds the units actually removed.
 """
@@ -19,23 +20,23 @@ import torch
 from ..core.executor import ensure_bias, zero_units
 from ..core.plan import PruningPlan
 from ..engine import LayerMethod
-from ..engine.stats import dense_energy, output_error
+from ..engine.stats import output_error
 from ..errors import PruneLabError
 from . import refit
 
 MODES = ("none", "bias", "lstsq", "obs")
+AUTO_STEPS = 64      # reconstruct.obs_block=0: at most ceil(units/64) units per OBS step, halved where they interact
 
 
 class PlanRefit(LayerMethod):
     """The LayerMethod of a reconstruction: stages [attn.o], [mlp.down] of every layer the plan touches."""
 
-    needs_gram = True
+    needs_gram, needs_cross = True, True
 
-    def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_chunk: int,
+    def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_block: int,
                  residual: bool = False):
-        self.plan, self.mode, self.damp, self.obs_chunk = plan, mode, damp, obs_chunk
+        self.plan, self.mode, self.damp, self.obs_block = plan, mode, damp, obs_block
         self.with_bias = mode == "bias" or fit_bias
-        self.needs_cross = True
         self.needs_residual = residual and mode in ("lstsq", "obs")
         self.removed: dict[str, dict[int, list[int]]] = {"attn": {}, "mlp": {}}
         self.rows: list[dict] = []
@@ -56,17 +57,19 @@ class PlanRefit(LayerMethod):
             raise PruneLabError(f"calibration too short to estimate the {lin.in_features}x{lin.in_features} "
                                 f"Gram of layer {index} {path} ({s.count} tokens): raise calibration.n_samples")
         units = (self.plan.attn if kind == "attn" else self.plan.mlp)[index]
-        g, c, d = refit.augmented(s, self.with_bias)
+        g, wc, energy = refit.augmented(s, lin.weight, lin.bias, self.with_bias)
         drift = refit.augmented_drift(s, self.with_bias)
         w = lin.weight.double()
         if self.with_bias:
             b = lin.bias.double() if lin.bias is not None else torch.zeros_like(w[:, 0])
             w = torch.cat([w, b[:, None]], 1)
         if self.mode == "obs":
-            every = torch.arange(w.shape[1], device=w.device)
-            chunk = self.obs_chunk or max(1, math.ceil(len(units) / 64))
-            units, _ = refit.obs_select(refit.lstsq(w, g, c, every, self.damp, drift), g, n_blocks, width,
-                                        len(units), self.damp, chunk)
+            hinv = refit.ridge_inverse(g, self.damp)        # one factorisation: the full refit and the OBS
+            full = (wc if drift is None else wc + drift.double()) @ hinv
+            block = self.obs_block or max(1, math.ceil(len(units) / AUTO_STEPS))
+            units, _ = refit.obs_select(full, g, n_blocks, width, len(units), self.damp, block,
+                                        adaptive=self.obs_block == 0, hinv=hinv)
+            del hinv, full
         cut = refit.block_columns(torch.as_tensor(sorted(units), device=w.device), width)
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
         keep_mask[cut] = False
@@ -77,11 +80,11 @@ class PlanRefit(LayerMethod):
             new = masked.clone()
             new[:, -1] = w[:, -1] + refit.bias_shift(w[:, :-1], keep[:-1], s.dense_sum / s.count, s.sum / s.count)
         else:
-            new = refit.lstsq(w, g, c, keep, self.damp, drift)
-        energy = max(dense_energy(w, d), 1e-30)
+            new = refit.lstsq(wc, g, keep, self.damp, drift)
+        scale = max(float(energy), 1e-30)
         row = {"layer": index, "kind": kind, "removed": len(units),
-               "err_before": output_error(w, masked, g, c, d) / energy,
-               "err_after": output_error(w, new, g, c, d) / energy}
+               "err_before": output_error(masked, g, wc, energy) / scale,
+               "err_after": output_error(new, g, wc, energy) / scale}
         n_in = lin.in_features
         lin.weight.copy_(new[:, :n_in].to(lin.weight.dtype))
         if self.with_bias:
@@ -98,16 +101,19 @@ class PlanRefit(LayerMethod):
 class Reconstruct:
     """reconstruct=<mode>: refits the consumer projections of a plan in one engine pass."""
 
-    def __init__(self, mode: str = "obs", damp: float = 0.01, fit_bias: bool = False, obs_chunk: int = 0,
-                 residual: bool = True):
+    def __init__(self, mode: str = "obs", damp: float = 0.01, fit_bias: bool = False, obs_block: int = 0,
+                 residual: bool = True, obs_chunk: int | None = None):
         if mode not in MODES:
             raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
         if not 0 < damp < 1:    # from 1 up the ridge (towards 0) outweighs the data (experiments/reconstruct_damp.py)
             raise PruneLabError(f"reconstruct.damp must be in (0, 1) (Gram damping relative to its mean diagonal; "
                                 f"from 1 up the refit is worse than reconstruct=none), got {damp}")
-        if obs_chunk < 0:
-            raise PruneLabError(f"reconstruct.obs_chunk must be >= 0 (0 = automatic), got {obs_chunk}")
-        self.mode, self.damp, self.fit_bias, self.obs_chunk = mode, float(damp), fit_bias, obs_chunk
+        if obs_chunk is not None:
+            raise PruneLabError(f"reconstruct.obs_chunk is now reconstruct.obs_block (units removed per OBS step, "
+                                f"0 = automatic and adaptive, 1 = the exact greedy): use reconstruct.obs_block={obs_chunk}")
+        if obs_block < 0:
+            raise PruneLabError(f"reconstruct.obs_block must be >= 0 (0 = automatic, 1 = exact greedy), got {obs_block}")
+        self.mode, self.damp, self.fit_bias, self.obs_block = mode, float(damp), fit_bias, obs_block
         self.residual = residual
 
     @property
@@ -133,7 +139,7 @@ class Reconstruct:
         if not self.enabled or not (plan.attn or plan.mlp):     # e.g. allocator=depth: whole layers only
             return plan, []
         zero_units(model, PruningPlan(layers=plan.layers))      # removed layers are the identity
-        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_chunk, self.residual)
+        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_block, self.residual)
         engine.walk(model, batches, method)
         return method.final_plan(), method.rows
 

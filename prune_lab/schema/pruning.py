@@ -119,8 +119,9 @@ class ReconstructConf:
     mode: str = "obs"                        # obs | lstsq | bias | none
     damp: float = 0.01                       # Gram damping, relative to mean(diag)
     fit_bias: bool = False                   # lstsq/obs: affine fit (adds a bias to o_proj/down_proj)
-    obs_chunk: int = 0                       # obs: units removed per greedy step (0 = count/64)
+    obs_block: int = 0                       # obs: units per OBS step (0 = auto: <= count/64, adaptive; 1 = exact greedy)
     residual: bool = True                    # lstsq/obs: the refit also absorbs the residual-stream drift
+    obs_chunk: Optional[int] = None          # renamed obs_block: set, it is an error that says so
 
 
 @dataclass

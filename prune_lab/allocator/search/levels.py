@@ -100,13 +100,14 @@ class LevelBuilder(LayerMethod):
             order = refit.obs_select(w, g, part.units, width, k, self.damp, chunk)[0] if k else []
             self.db.order[i] = order
             levels, errors = [], []
-            energy = float((w @ g * w).sum())
+            wg = w @ g                                        # W·C on the one (dense) stream: C = G
+            energy = float((wg * w).sum())
             for level in range(part.top + 1):
                 cut = torch.as_tensor(sorted(order[:part.removed(level)]), dtype=torch.long, device=w.device)
                 keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
                 keep[refit.block_columns(cut, width)] = False
                 new = lin.weight.detach().clone() if level == 0 else \
-                    refit.lstsq(w, g, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
+                    refit.lstsq(wg, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
                 levels.append(new.cpu())
                 d = w - new.double()
                 errors.append(float((d @ g * d).sum()) / energy if energy > 0 else 0.0)
