@@ -346,6 +346,18 @@ def test_a_setting_added_after_the_study_was_made_resumes_only_at_its_neutral_va
         check_same_job(study, {"allocator.ratio": "0.5"})
 
 
+def test_a_retired_setting_at_its_old_default_is_the_same_job():
+    """reconstruct.obs_chunk (0 = auto) became reconstruct.obs_block: a study made with the old default
+    resumes; one made with an explicit chunk does not."""
+    study = optuna.create_study()
+    check_same_job(study, {"reconstruct.obs_chunk": "0"})
+    check_same_job(study, {"reconstruct.obs_chunk": "null", "reconstruct.obs_block": "0"})
+    other = optuna.create_study()
+    check_same_job(other, {"reconstruct.obs_chunk": "4"})
+    with pytest.raises(PruneLabError, match="reconstruct.obs_chunk"):
+        check_same_job(other, {"reconstruct.obs_chunk": "null", "reconstruct.obs_block": "0"})
+
+
 def test_a_relative_study_url_is_one_study_from_any_directory_and_leaves_no_empty_dirs(tmp_path, job_args):
     args = ["-m", "hparams_search=optuna_distribution", "hydra.sweeper.storage=sqlite:///rel.db",
             "hydra.sweeper.study_name=rel", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=1", *job_args]
