@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose_job, tiny_overrides, write_small_corpus
+from conftest import text_job
 from prune_lab import load_pruned
 from prune_lab.artifacts.compression import load_compression
 from prune_lab.core.adapter import layer_views, view_linears
@@ -15,9 +15,7 @@ from prune_lab.recipes import run
 
 
 def job(tmp_path, *overrides):
-    corpus = write_small_corpus(tmp_path)
-    return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
-                       f"data.test={corpus}/test.txt", "output.plots=false", *overrides)
+    return text_job(tmp_path, "output.plots=false", *overrides)
 
 
 def metrics(run_dir) -> dict:

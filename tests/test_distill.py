@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import compose_job, lively, run_cli, tiny_model, tiny_overrides, tokens, write_small_corpus
+from conftest import lively, run_cli, text_job, tiny_model, tiny_overrides, tokens, write_small_corpus
 from prune_lab import load_pruned
 from prune_lab.artifacts.compression import load_compression
 from prune_lab.core.adapter import layer_views, view_linears
@@ -25,9 +25,7 @@ SMALL = dict(batch_size=2, seq_len=16, warmup_steps=0)
 
 
 def job(tmp_path, *overrides):
-    corpus = write_small_corpus(tmp_path)
-    return compose_job(*tiny_overrides("llama", tmp_path), "data=text", f"data.train={corpus}/train.txt",
-                       f"data.test={corpus}/test.txt", "output.plots=false", *overrides)
+    return text_job(tmp_path, "output.plots=false", *overrides)
 
 
 def metrics(run_dir) -> dict:
