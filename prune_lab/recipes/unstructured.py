@@ -45,8 +45,10 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     summary = compress(job, method, quant, engine)
     results = evaluate(job, tag=method.name)
     extra = lambda tmp: save_compression(tmp, method, quant, summary)     # noqa: E731  masks/bits beside the weights
-    results = recover(job, results, kept=method.kept(job.model), extra=extra, grids=method.grids_by_name())
-    save(job, extra=extra, grids=method.grids_by_name())   # packed integer weights, output.gguf_type=q4_0|q4_1
+    results = recover(job, results, kept=method.kept(job.model), extra=extra, grids=method.grids_by_name(),
+                      masks=method.masks_by_name())
+    save(job, extra=extra, grids=method.grids_by_name(),   # packed integers, output.gguf_type=q4_0|q4_1, ...
+         masks=method.masks_by_name())                     # N:M: the kept weights only
     return finish(job, results)
 
 
