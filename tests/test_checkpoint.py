@@ -172,3 +172,38 @@ def test_reloaded_checkpoint_tokenises_exactly_as_before(arch, tmp_path):
     assert type(again) is type(tok) and again.pad_token == tok.pad_token
     assert again(text).input_ids == tok(text).input_ids
     assert again(text).input_ids != [] and len(tok("12345").input_ids) < 5      # digits stay merged
+
+
+@pytest.mark.parametrize("quant", [None, 4])
+def test_nm_sparse_linears_store_only_their_kept_weights_and_reload_bit_for_bit(quant, tmp_path):
+    """2:4 (SparseGPT, alone or with 4-bit GPTQ): the kept values (or codes) plus 2-bit offsets, not dense zeros."""
+    from prune_lab.engine import walk
+    from prune_lab.method import SparseGPT
+    from prune_lab.quant import Uniform
+    model = tiny_model("llama", intermediate=64)
+    method = SparseGPT(prune_n=2, prune_m=4, blocksize=16)
+    if quant:
+        method.with_quant(Uniform(quant, group_size=16))
+    walk(model, [tokens(4, 32, seed=s) for s in range(2)], method, progress=False)
+    masks, grids = method.masks_by_name(), method.grids_by_name()
+    assert len(masks) == 3 * 7 and all(float(m["mask"].float().mean()) == 0.5 for m in masks.values())
+    save_pruned(model, None, tmp_path / "nm", grids=grids, masks=masks)
+    save_pruned(model, None, tmp_path / "dense", grids=grids)              # the same model, zeros stored
+    reloaded = load_pruned(tmp_path / "nm")
+    for name, t in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], t), name
+    assert torch.equal(logits(reloaded), logits(model))
+    file = "quantized.safetensors" if quant else "sparse.safetensors"
+    with safe_open(str(tmp_path / "nm" / file), framework="pt") as f:
+        assert "model.layers.0.mlp.up_proj.offsets" in f.keys()
+    with safe_open(str(tmp_path / "nm" / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k in masks]                     # no dense copy of those weights
+    weights = sum(m["mask"].numel() for m in masks.values())
+    if quant:       # 4-bit codes of half the weights + 2-bit offsets = 3 bits a weight, vs 4 for every code
+        sizes = [(tmp_path / d / file).stat().st_size for d in ("nm", "dense")]
+        assert sizes[0] < sizes[1] - weights / 8 + 4096                    # + 21 offset tensors in the header
+    else:           # fp32: 2 values + 2 two-bit offsets per 4 weights = 17 bits a weight, vs 32
+        assert (tmp_path / "nm" / file).stat().st_size < weights * 4 * 17 / 32 + 8192     # + the header
+        dense = (tmp_path / "dense" / "model.safetensors").stat().st_size
+        assert (tmp_path / "nm" / "model.safetensors").stat().st_size + (tmp_path / "nm" / file).stat().st_size \
+            < dense - weights * 4 * 0.45

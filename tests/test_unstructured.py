@@ -204,3 +204,27 @@ def test_optuna_mixed_preset_searches_weights_at_the_bit_budget(tmp_path):
     assert len(trials) == 2 and len({t.value for t in trials}) == 2
     for m in (tmp_path / "sweep").glob("*/metrics.json"):
         assert json.loads(m.read_text())["compression"]["avg_bits"] == pytest.approx(3.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method,quant", [("magnitude", []), ("sparsegpt", ["quant=uniform", "quant.group_size=16"])])
+def test_a_2_4_checkpoint_stores_the_kept_weights_and_reloads_to_the_same_ppl(tmp_path, method, quant):
+    cfg = job(tmp_path, "llama", f"method={method}", "method.prune_n=2", "method.prune_m=4", "method.blocksize=16",
+              *quant, "output.save_model=true", "output.plots=false")
+    ppl = run(cfg, tmp_path / "run").ppl
+    path = tmp_path / "run" / "model"
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoint"]
+    assert record["bytes"] == sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert (record["packed_linears"], record["nm_sparse_linears"]) == ((3 * 7, 0) if quant else (0, 3 * 7))
+    masks, _, meta = load_compression(path)
+    assert meta["nm_packed"]
+    model = load_pruned(path)
+    for key, lin in linears(model).items():
+        assert (lin.weight[~masks[key]] == 0).all() and masks[key].float().mean() == 0.5
+    from prune_lab.artifacts.checkpoint import refuse_per_layer
+    with pytest.raises(PruneLabError, match="packed integer weights" if quant else "N:M-packed weights"):
+        refuse_per_layer(str(path))                       # model=hf would miss those weights
+    shrink = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model")]
+    cfg2 = compose_job(*shrink, "model=pruned", f"model.path={path}", "model.device=cpu", "data=text",
+                       f"data.train={tmp_path}/train.txt", f"data.test={tmp_path}/test.txt",
+                       "method=sparsegpt", "method.sparsity=0", "method.blocksize=16", "output.plots=false")
+    assert run(cfg2, tmp_path / "run2").ppl == ppl        # a no-op engine pass over the reloaded weights

@@ -30,7 +30,7 @@ from ..core.adapter import (
 from ..core.executor import ensure_bias, prune_attention, prune_mlp
 from ..errors import CheckpointError, PruneLabError
 from .export import plain_config
-from . import packed
+from . import packed, sparse
 from .manifest import check_index
 
 WEIGHTS = "model.safetensors"
@@ -83,25 +83,28 @@ def export_config(model: nn.Module, manifest: dict):
     return config
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None, grids=None) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, extra=None, grids=None, masks=None) -> Path:
     """Write model.safetensors, config.json (with `prune_lab` manifest) and the tokenizer.
 
     Written into a temporary sibling that is renamed to `path` when complete (replacing an older
     checkpoint there), so a kill or a full disk never leaves a half-written checkpoint.
     extra(tmp_dir), if given, writes further files into it before the rename. grids: the quantized linears'
     grids ({HF weight name: scale, zero, bits, group_size}): their weights are stored as packed integers
-    (artifacts/packed.py).
+    (artifacts/packed.py). masks ({HF weight name: mask, prune_m}, N:M keep-masks): only the kept weights are
+    stored, with their offsets (artifacts/sparse.py; packed.py for quantized ones).
     """
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
         raise CheckpointError(f"'{path}' exists and is not a checkpoint: refusing to replace it")
     manifest = manifest_of(model)
     tensors, aliases = unique_state_dict(model)
-    tensors, ints, ints_meta = packed.split({k: t.to("cpu").contiguous() for k, t in tensors.items()}, grids or {})
+    tensors, ints, ints_meta = packed.split({k: t.to("cpu").contiguous() for k, t in tensors.items()}, grids or {}, masks)
+    tensors, nm, nm_meta = sparse.split(tensors, masks or {})
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "prune_lab_aliases": json.dumps(aliases)})
         packed.write(tmp, ints, ints_meta)
+        sparse.write(tmp, nm, nm_meta)
         export_config(model, manifest).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -141,8 +144,7 @@ def refuse_per_layer(path: str) -> None:
     except (OSError, ValueError, AttributeError):     # no such file, not JSON, not a manifest: not ours
         return
     what = ("per-layer shapes or added biases" if len({json.dumps(s, sort_keys=True) for s in layers}) > 1 or
-            manifest.get("added_biases") else "packed integer weights (quantized.safetensors)"
-            if (Path(path).expanduser() / packed.FILE).is_file() else None)
+            manifest.get("added_biases") else packed.stored(Path(path).expanduser()))
     if what:
         raise CheckpointError(f"'{path}' is a prune_lab checkpoint with {what}: load it with model=pruned "
                               f"model.path={path}")
@@ -213,7 +215,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a directory")
     config, manifest = read_config(path)
     shapes, aliases = weight_shapes(path / WEIGHTS)
-    shapes |= packed.packed_shapes(path)               # the quantized linears stored as packed integers
+    shapes |= packed.packed_shapes(path) | sparse.sparse_shapes(path)     # packed integers, N:M kept weights
     check_index(manifest, shapes, path / WEIGHTS)       # before building anything of the manifest's size
     try:
         model = build_skeleton(config, manifest, dtype or config.dtype, attn_implementation)
@@ -224,7 +226,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     add_biases(model, shapes)
     check_weights(model, shapes, aliases, path / WEIGHTS)
     try:
-        state = load_file(str(path / WEIGHTS)) | packed.read(path)
+        state = load_file(str(path / WEIGHTS)) | packed.read(path) | sparse.read(path)
     except Exception as e:
         raise CheckpointError(f"cannot read {path / WEIGHTS}: corrupt or truncated ({_first_line(e)})") from e
     missing, unexpected = model.load_state_dict(state, strict=False)

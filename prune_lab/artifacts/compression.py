@@ -23,6 +23,7 @@ from ..core.adapter import layer_views, view_linears
 
 FILE, META = "compression.safetensors", "compression.json"
 PACKED = "quantized.safetensors"     # artifacts/packed.py: the quantized linears as packed integers
+NM_PACKED = "sparse.safetensors"     # artifacts/sparse.py: N:M float linears, their kept weights only
 SCALE_BITS = 16                      # one fp16 scale per (row, group); + a zero point if asymmetric
 
 
@@ -108,6 +109,7 @@ def save_compression(path: Path, method, quant, summary: dict) -> None:
             "prune_m": method.spec.prune_m, "quant": type(quant).__name__.lower(),
             "sym": quant.sym, "group_size": quant.group_size,
             "weights": "packed" if (path / PACKED).is_file() else "dequantized", "mask_shapes": shapes,
+            "nm_packed": (path / NM_PACKED).is_file() or (path / PACKED).is_file() and method.spec.nm,
             "summary": summary}
     (path / META).write_text(json.dumps(meta, indent=2, default=str))
 

@@ -30,44 +30,44 @@ from ..errors import PruneLabError
 log = logging.getLogger("prune_lab")
 
 
-def shared_shape(model: nn.Module) -> dict:
-    """The one (q heads, KV heads, MLP width) of every layer, or a one-line refusal."""
+def shared_shape(model: nn.Module, what: str = "output.export=hf") -> dict:
+    """The one (q heads, KV heads, MLP width) of every layer, or a one-line refusal (`what` names the export)."""
     shapes = layer_shapes(model)
     distinct = {tuple(s.values()) for s in shapes}
     if len(distinct) != 1:
         raise PruneLabError(
-            f"output.export=hf needs every decoder layer to share one shape, but this model has "
+            f"{what} needs every decoder layer to share one shape, but this model has "
             f"{len(distinct)} (KV heads x MLP width: {sorted((k, w) for _, k, w in distinct)[:4]}...): "
             f"use allocator=uniform_shape, or output.save_model=true (prune_lab checkpoint)")
     return shapes[0]
 
 
-def check_family(model: nn.Module) -> None:
-    """Known right after loading: the families output.export=hf cannot describe."""
+def check_family(model: nn.Module, what: str = "output.export=hf") -> None:
+    """Known right after loading: the families a plain HF config (output.export=hf) cannot describe."""
     if model_family(model) in NO_GATE_FAMILIES:
-        raise PruneLabError(f"output.export=hf does not support {model.config.model_type}: its config derives "
+        raise PruneLabError(f"{what} does not support {model.config.model_type}: its config derives "
                             f"head_dim from hidden_size / heads, so it cannot state pruned head counts "
                             f"(use output.save_model=true)")
 
 
-def check_bias_refit(model: nn.Module, refit: str) -> None:
+def check_bias_refit(model: nn.Module, refit: str, what: str = "output.export=hf") -> None:
     """Known right after loading: a refit with biases (reconstruct=bias, reconstruct.fit_bias=true) adds
     o_proj/down_proj biases where this architecture builds none."""
     lacking = sorted({short for v in layer_views(model) for short, lin in (("o_proj", v.attn.o), ("down_proj", v.mlp.down))
                       if lin.bias is None})
     if lacking:
-        raise PruneLabError(f"output.export=hf: {refit} adds biases to {lacking}, which {type(model).__name__} "
+        raise PruneLabError(f"{what}: {refit} adds biases to {lacking}, which {type(model).__name__} "
                             f"does not build: use output.save_model=true (a prune_lab checkpoint keeps them) "
                             f"or a refit without biases")
 
 
-def plain_config(model: nn.Module):
+def plain_config(model: nn.Module, what: str = "output.export=hf"):
     """A config transformers builds this exact model from (same class when it accepts the shape)."""
-    shape = shared_shape(model)
+    shape = shared_shape(model, what)
     config = model.config
-    check_family(model)
+    check_family(model, what)
     if added_biases(model):
-        raise PruneLabError(f"output.export=hf: reconstruction added biases to {added_biases(model)}, which "
+        raise PruneLabError(f"{what}: reconstruction added biases to {added_biases(model)}, which "
                             f"{type(model).__name__} does not build: save with output.save_model=true")
     values = {**config.to_dict(), "num_attention_heads": shape["q_heads"],
               "num_key_value_heads": shape["kv_heads"], "intermediate_size": shape["mlp_width"],
@@ -90,9 +90,9 @@ def plain_config(model: nn.Module):
     return out
 
 
-def export_hf(model: nn.Module, tokenizer, path) -> dict:
-    """Write model.safetensors (tied weights once), config.json, generation config and tokenizer."""
-    config = plain_config(model)
+def hf_config(model: nn.Module, what: str = "output.export=hf"):
+    """plain_config with the model's dtype and the `prune_lab` provenance block of an export."""
+    config = plain_config(model, what)
     if config.model_type != model.config.model_type:
         log.warning("export: %s refuses %d heads on hidden %d; written as the equivalent %s",
                     type(model.config).__name__, config.num_attention_heads, config.hidden_size,
@@ -101,17 +101,33 @@ def export_hf(model: nn.Module, tokenizer, path) -> dict:
     recorded = getattr(model.config, "prune_lab", None) or {}
     config.prune_lab = {"exported_from": model.config.model_type,
                         "removed_layers": list(recorded.get("removed_layers", []))}
+    return config
+
+
+def write_hf(model: nn.Module, tokenizer, directory, config, state_dict: dict | None = None) -> None:
+    """model.safetensors (tied weights once; `state_dict` in place of the model's own), config.json,
+    generation config and tokenizer, into an existing directory."""
     architectures = list(config.architectures)
+    dense_config, model.config = model.config, config     # save_pretrained writes model.config
+    try:
+        model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        model.config = dense_config
+    config.architectures = architectures                   # save_pretrained names the in-memory class
+    config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def shape_record(config) -> dict:
+    return {"architecture": config.architectures[0], "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+            "intermediate_size": config.intermediate_size}
+
+
+def export_hf(model: nn.Module, tokenizer, path) -> dict:
+    """Write model.safetensors (tied weights once), config.json, generation config and tokenizer."""
+    config = hf_config(model)
     with atomic_dir(path) as tmp:                          # complete, or not there at all
-        dense_config, model.config = model.config, config     # save_pretrained writes model.config
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            model.config = dense_config
-        config.architectures = architectures                   # save_pretrained names the in-memory class
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return {"path": str(path), "architecture": config.architectures[0],
-            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size}
+        write_hf(model, tokenizer, tmp, config)
+    return {"path": str(path), **shape_record(config)}

@@ -163,6 +163,14 @@ class Unstructured(LayerMethod):
                                                            "group_size": self.quant.group_size}
                 for (i, p), (s, z) in self.grids.items() if p in HF_NAMES}
 
+    def masks_by_name(self) -> dict[str, dict]:
+        """{HF weight name: mask, prune_m} of every N:M-masked linear ({} unless N:M): the checkpoint stores
+        only the kept weights (artifacts/sparse.py, artifacts/packed.py)."""
+        if not self.spec.nm:
+            return {}
+        return {f"model.layers.{i}.{HF_NAMES[p]}.weight": {"mask": mask, "prune_m": self.spec.prune_m}
+                for (i, p), mask in self.masks.items() if p in HF_NAMES}
+
     def input_norm(self, stats) -> Tensor | None:
         return None
 

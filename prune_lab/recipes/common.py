@@ -163,16 +163,17 @@ def evaluate(job: Job, tag: str) -> dict:
     return results
 
 
-def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None, grids=None) -> dict:
+def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None, grids=None, masks=None) -> dict:
     """finetune=lora|full|distill, then evaluate again: metrics.json `recovered`. `kept`: a context the
     training runs in (the unstructured family's masks and bit grids); `removed_layers`: the dense indices of
     the layers pruned whole (distill maps the hidden-state layers past them). With output.save_model the
-    model before recovery is saved first, as `model_pruned/` (`extra` as in save)."""
+    model before recovery is saved first, as `model_pruned/` (`extra`, `grids`, `masks` as in save)."""
     if not job.finetuner.enabled:
         return results
     if job.cfg.output.save_model:
         with job.record.stage("save_pruned"):
-            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model_pruned", extra=extra, grids=grids)
+            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model_pruned", extra=extra, grids=grids,
+                                masks=masks)
             job.record["checkpoint_pruned"] = packed.describe(where)
     context = {"teacher": job.teacher, "removed_layers": list(removed_layers)} if job.finetuner.needs_teacher else {}
     with job.record.stage("recover"), (kept or nullcontext()):
@@ -186,13 +187,15 @@ def recover(job: Job, results: dict, kept=None, removed_layers=(), extra=None, g
     return results
 
 
-def save(job: Job, extra=None, grids=None) -> None:
+def save(job: Job, extra=None, grids=None, masks=None) -> None:
     """output.save_model (a prune_lab checkpoint; `extra(tmp_dir)` adds files before the rename) and
-    output.export=hf|gguf (a plain Hugging Face directory, a GGUF file). `grids`: the grids of a quantized
-    model (packed integer weights in the checkpoint; output.gguf_type=q4_0|q4_1)."""
+    output.export=hf|gguf|compressed_tensors (a plain Hugging Face directory, a GGUF file, a pack-quantized
+    directory). `grids`: the grids of a quantized model (packed integer weights in the checkpoint;
+    output.gguf_type=q4_0|q4_1, compressed_tensors); `masks`: N:M keep-masks (only the kept weights stored)."""
     if job.cfg.output.save_model:
         with job.record.stage("save"):
-            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra, grids=grids)
+            where = save_pruned(job.model, job.tokenizer, job.run_dir / "model", extra=extra, grids=grids,
+                                masks=masks)
             job.record["checkpoint"] = packed.describe(where)
     if job.cfg.output.export:
         with job.record.stage("export"):

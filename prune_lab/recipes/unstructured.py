@@ -11,6 +11,7 @@ import logging
 from ..artifacts.compression import save_compression
 from ..core.adapter import layer_views
 from ..errors import PruneLabError
+from . import exports
 from .compress import compress
 from .common import (
     Job,
@@ -38,13 +39,16 @@ def run(cfg, run_dir, record, method, memo=None) -> JobResult:
     load(job, calibrates=True)
     method.check_model(layer_views(job.model))     # N:M against the layers' widths, before any work
     quant.check_model(layer_views(job.model))      # quant.layer_avg_bits' layers
+    exports.check_pruned(job)                      # the shapes are final: what output.export needs of them
     evaluate_dense(job)
     keep_teacher(job)                              # finetune=distill: the dense model, before the engine pass
     summary = compress(job, method, quant, engine)
     results = evaluate(job, tag=method.name)
     extra = lambda tmp: save_compression(tmp, method, quant, summary)     # noqa: E731  masks/bits beside the weights
-    results = recover(job, results, kept=method.kept(job.model), extra=extra, grids=method.grids_by_name())
-    save(job, extra=extra, grids=method.grids_by_name())   # packed integer weights, output.gguf_type=q4_0|q4_1
+    results = recover(job, results, kept=method.kept(job.model), extra=extra, grids=method.grids_by_name(),
+                      masks=method.masks_by_name())
+    save(job, extra=extra, grids=method.grids_by_name(),   # packed integers, output.gguf_type=q4_0|q4_1, ...
+         masks=method.masks_by_name())                     # N:M: the kept weights only
     return finish(job, results)
 
 

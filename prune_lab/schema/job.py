@@ -60,6 +60,7 @@ class EvalConf:
 class ExportFormat(Enum):
     hf = 1                                   # a plain Hugging Face directory (uniform layer shapes only)
     gguf = 2                                 # one GGUF file for llama.cpp (per-layer widths: arch deci)
+    compressed_tensors = 3                   # quant=uniform 4|8-bit as compressed-tensors pack-quantized (vLLM)
 
 
 class GGUFType(Enum):
@@ -74,7 +75,8 @@ class GGUFType(Enum):
 @dataclass
 class OutputConf:
     save_model: bool = False
-    export: Optional[ExportFormat] = None    # hf: also write run_dir/hf, loadable by from_pretrained; gguf: model.gguf
+    export: Optional[ExportFormat] = None    # hf: run_dir/hf for from_pretrained; gguf: model.gguf;
+    #                                          compressed_tensors: run_dir/compressed_tensors
     gguf_type: Optional[GGUFType] = None     # output.export=gguf's tensor type (null = f16)
     plots: bool = True
     save_scores: bool = True
