@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.linalg import cholesky_to_inverse
 from ..errors import PruneLabError
 from ..quant.grid import RowQuantizer, quantize
 from .masks import SparsitySpec, lowest_mask, nm_mask
@@ -28,7 +27,7 @@ def inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor
     h[idx, idx] += damp * torch.diag(h).mean()
     try:
         chol = torch.linalg.cholesky(h)
-        hinv = cholesky_to_inverse(chol)
+        hinv = torch.cholesky_inverse(chol)
         upper = torch.linalg.cholesky(hinv, upper=True)
     except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise PruneLabError(f"the Hessian is not positive definite even with method.damp={damp}: "
@@ -78,7 +77,7 @@ def obs_sweep(weight: Tensor, hessian: Tensor, spec: SparsitySpec, *, blocksize:
     """
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w_all = weight.detach().to(work).clone()
-    cols = w_all.shape[1]
+    rows, cols = w_all.shape
     spec.check_width(cols, blocksize if spec.nm else None)
     if act_order and spec.nm and fixed_mask is None:
         raise PruneLabError("quant.act_order reorders columns, so it cannot choose N:M masks (use method=wanda|magnitude)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.linalg import cholesky_to_inverse
 from ..errors import PruneLabError
 
 MAX_DAMP_RAISES = 6
@@ -62,7 +61,7 @@ def augmented_drift(stats, with_bias: bool) -> Tensor | None:
 
 def ridge_inverse(g: Tensor, damp: float) -> Tensor:
     """(G + λI)⁻¹ (float64)."""
-    return cholesky_to_inverse(damped_cholesky(g, damp))
+    return torch.cholesky_inverse(damped_cholesky(g, damp))
 
 
 def lstsq(wc: Tensor, g: Tensor, keep: Tensor, damp: float, drift: Tensor | None = None) -> Tensor:
