@@ -73,3 +73,24 @@ def test_an_analyse_only_job_refuses_a_quant_in_one_line(tmp_path):
     assert str(err.value) == ("quant=uniform|mixed with allocator=none: an analyse-only job prunes nothing to "
                               "quantize (choose an allocator, or drop quant)")
     assert metrics(tmp_path / "run")["status"] == "failed"
+
+
+def test_the_pareto_overlay_expands_to_the_nine_jobs_of_the_grid():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from test_sweeps import compose_with_hydra
+    sweep = compose_with_hydra("experiment=pareto_size_ppl")
+    assert sweep.hydra.sweep.dir.startswith("multirun/pareto_size_ppl/")
+    params = [f"{k}={v}" for k, v in sweep.hydra.sweeper.params.items()]
+    jobs, = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    assert len(jobs) == 9
+    seen = set()
+    for overrides in jobs:
+        cfg = compose_with_hydra("experiment=pareto_size_ppl", *overrides)
+        quant = cfg.quant._target_.rsplit(".", 1)[1]
+        bits = {"NoQuant": 16, "Uniform": cfg.quant.get("bits"), "Mixed": cfg.quant.get("target_avg_bits")}[quant]
+        assert quant == "NoQuant" or cfg.quant.group_size == 128
+        assert quant != "Mixed" or cfg.quant.allocation == "budget"
+        assert cfg.allocator._target_ == "prune_lab.allocator.Global" and cfg.output.plots is False
+        seen.add((cfg.allocator.ratio, quant, bits))
+    assert seen == {(r, q, b) for r in (0.0, 0.25, 0.5) for q, b in (("NoQuant", 16), ("Uniform", 4), ("Mixed", 3.5))}

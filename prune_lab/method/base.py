@@ -114,7 +114,8 @@ class Unstructured(LayerMethod):
                 if self.needs_cross:                                             # sweep on W0, not W
                     weights[p] = asymmetric_target(weights[p], s, factors[p], self.asymmetric)
         hinv_diags = {p: u.square().sum(0) for p, (u, _) in factors.items()}    # diag(UᵀU) = diag(H⁻¹)
-        bits, ranges = self.quant.allocate(weights, stats, hinv_diags, layer=index)
+        factor_diags = {p: torch.diagonal(u) for p, (u, _) in factors.items()}
+        bits, ranges = self.quant.allocate(weights, stats, hinv_diags, layer=index, factor_diags=factor_diags)
         record = {}
         for p, lin in linears.items():
             w_old = lin.weight.data

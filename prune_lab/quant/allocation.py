@@ -13,6 +13,7 @@ from .grid import check_bits_options
 
 DIMENSIONS = ("activation", "hessian", "weight", "output", "stability")
 ALLOCATIONS = ("quantile", "budget", "threshold3")
+SCORES = ("lab", "original")
 
 
 def channel_dimensions(weight: Tensor, mean_abs: Tensor, mean_sq: Tensor, var: Tensor,
@@ -31,6 +32,32 @@ def channel_dimensions(weight: Tensor, mean_abs: Tensor, mean_sq: Tensor, var: T
         (w2 @ var.float().clamp_min(0)).sqrt(),
     ], dim=1)
     return dims / dims.mean(0, keepdim=True).clamp_min(1e-12)
+
+
+def original_column_dimensions(weight: Tensor, mean_abs: Tensor, var: Tensor, factor_diag: Tensor) -> Tensor:
+    """(cols, 5): the original's (seed SparseGPT-enhanced) five dimensions, per *input column* j as it
+    defined them, each divided by (its mean + 1e-8): activation a_j = mean|x_j|, Hessian |U_jj| (the
+    diagonal of the upper Cholesky factor U of (H + λI)⁻¹, which its code calls Hinv), weight mean_i|W_ij|,
+    output sqrt(mean_i W_ij²·a_j²), stability var(x_j). (Its a_j and var(x_j) were an EMA, α = 0.5, of
+    per-batch figures; here the exact means over every calibration token.)"""
+    w, a = weight.float(), mean_abs.float()
+    dims = torch.stack([a, factor_diag.float().abs(), w.abs().mean(0),
+                        (w.square() * a.square()[None, :]).mean(0).sqrt(), var.float()], dim=1)
+    return dims / (dims.mean(0, keepdim=True) + 1e-8)
+
+
+def original_dimensions(weight: Tensor, mean_abs: Tensor, var: Tensor, factor_diag: Tensor) -> Tensor:
+    """(rows, 5): quant.score=original, the original's definitions read per output row (the lab's unit of
+    bits; the original gave each input column its bits): weight mean_j|W_ij| and output
+    sqrt(mean_j W_ij²·a_j²) (its formulas with the roles of rows and columns swapped); activation mean|x|,
+    Hessian |U_jj| and stability var(x) describe the inputs, which every row of a linear shares, so per row
+    they are one value each and normalise to 1 (a constant in the score). Normalised as the original."""
+    w, a = weight.float(), mean_abs.float()
+    ones = torch.ones(w.shape[0], device=w.device)
+    rows = torch.stack([w.abs().mean(1), (w.square() * a.square()[None, :]).mean(1).sqrt()], dim=1)
+    rows = rows / (rows.mean(0, keepdim=True) + 1e-8)
+    shared = original_column_dimensions(weight, mean_abs, var, factor_diag)[:, [0, 1, 4]].mean(0)
+    return torch.stack([ones * shared[0], ones * shared[1], rows[:, 0], rows[:, 1], ones * shared[2]], dim=1)
 
 
 def channel_scores(dims: Tensor, weights: Tensor) -> Tensor:

@@ -11,8 +11,9 @@ class Quantizer:
 
     enabled: the sweep quantizes; act_order: visit columns by decreasing diag(H); sym / group_size:
     the grid (None when nothing is quantized, recorded as null); bits_options: the bit widths a row
-    may get. allocate(weights, stats, hinv_diags, layer) -> (bits per row of each linear, score range of
-    each linear), over the linears of one engine stage of decoder layer `layer`; quantizer(bits) -> the RowQuantizer of one linear."""
+    may get. allocate(weights, stats, hinv_diags, layer, factor_diags) -> (bits per row of each linear, score
+    range of each linear), over the linears of one engine stage of decoder layer `layer` (hinv_diags:
+    diag(H⁻¹); factor_diags: diag(U), U the upper Cholesky factor of H⁻¹); quantizer(bits) -> the RowQuantizer of one linear."""
 
     enabled: bool = False
     act_order: bool = False
@@ -20,7 +21,8 @@ class Quantizer:
     group_size: int | None = None
     bits_options: tuple[int, ...] = ()
 
-    def allocate(self, weights: dict, stats: dict, hinv_diags: dict, layer: int | None = None) -> tuple[dict, dict]:
+    def allocate(self, weights: dict, stats: dict, hinv_diags: dict, layer: int | None = None,
+                 factor_diags: dict | None = None) -> tuple[dict, dict]:
         return {}, {}
 
     def check_model(self, views) -> None:

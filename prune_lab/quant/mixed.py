@@ -6,14 +6,16 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from ..errors import PruneLabError
 from .allocation import (
+    SCORES,
     allocate_bits,
     channel_dimensions,
     channel_scores,
     check_allocation,
     check_scoring,
+    original_dimensions,
 )
-from ..errors import PruneLabError
 from .grid import RowQuantizer, quantize_rtn
 from .uniform import Uniform
 
@@ -26,13 +28,17 @@ class Mixed(Uniform):
     allocation meets `target_avg_bits` (budget and quantile to one channel's step; threshold3 as near as its
     scaled thresholds allow; null: quantile's equal shares, threshold3's fixed thresholds), a layer of
     `layer_avg_bits` {layer: bits} its own average instead; `quantiles` are quantile's own cumulative
-    boundaries (their average must be the target's, or the target null)."""
+    boundaries (their average must be the target's, or the target null). `score`: lab (channel_dimensions)
+    or original (original_dimensions: the seed's definitions, read per output row)."""
 
     def __init__(self, bits_options=(2, 3, 4, 6, 8), weights=(0.25, 0.25, 0.15, 0.25, 0.10),
                  allocation: str = "budget", target_avg_bits: float | None = 4.0,
                  thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
                  act_order: bool = False, score_power: float = 1.0, quantiles=None,
-                 layer_avg_bits=MappingProxyType({})):
+                 layer_avg_bits=MappingProxyType({}), score="lab"):
+        score = getattr(score, "name", score)             # the schema's QuantScore enum, or its name
+        if score not in SCORES:
+            raise PruneLabError(f"quant.score must be one of {', '.join(SCORES)}, got '{score}'")
         layer_avg_bits = {int(k): float(v) for k, v in (layer_avg_bits or {}).items()}
         quantiles = None if quantiles is None else [float(q) for q in quantiles]
         check_allocation(list(bits_options), list(weights), allocation, target_avg_bits, quantiles, layer_avg_bits)
@@ -41,7 +47,7 @@ class Mixed(Uniform):
         self.weights = torch.tensor([float(w) for w in weights])
         self.allocation, self.target_avg_bits = allocation, target_avg_bits
         self.thresholds, self.score_power = tuple(thresholds), float(score_power)
-        self.quantiles, self.layer_avg_bits = quantiles, layer_avg_bits
+        self.quantiles, self.layer_avg_bits, self.score = quantiles, layer_avg_bits, score
 
     def check_model(self, views) -> None:
         """quant.layer_avg_bits names layers the model has (right after loading)."""
@@ -53,11 +59,17 @@ class Mixed(Uniform):
     def target(self, layer: int | None) -> float | None:
         return self.layer_avg_bits.get(layer, self.target_avg_bits)
 
-    def allocate(self, weights, stats, hinv_diags, layer: int | None = None):
-        """(bits per path, score range per path) for the linears of one stage of decoder layer `layer`."""
-        scores = {p: channel_scores(channel_dimensions(w, stats[p].mean_abs, stats[p].sum_sq / max(stats[p].count, 1),
-                                                       stats[p].var, hinv_diags[p]), self.weights).cpu()
-                  for p, w in weights.items()}
+    def dimensions(self, weight: Tensor, stats, hinv_diag: Tensor, factor_diag: Tensor) -> Tensor:
+        """(rows, 5) of one linear under quant.score."""
+        if self.score == "original":
+            return original_dimensions(weight, stats.mean_abs, stats.var, factor_diag)
+        return channel_dimensions(weight, stats.mean_abs, stats.sum_sq / max(stats.count, 1), stats.var, hinv_diag)
+
+    def allocate(self, weights, stats, hinv_diags, layer: int | None = None, factor_diags=None):
+        """(bits per path, score range per path) for the linears of one stage of decoder layer `layer`;
+        factor_diags: diag(U) of each linear's inverse-Hessian factor (score=original's Hessian)."""
+        scores = {p: channel_scores(self.dimensions(w, stats[p], hinv_diags[p], (factor_diags or {}).get(p)),
+                                    self.weights).cpu() for p, w in weights.items()}
         flat = torch.cat(list(scores.values()))
         costs = torch.cat([torch.full((w.shape[0],), float(w.shape[1])) for w in weights.values()])
         errors = None

@@ -23,7 +23,7 @@ class Uniform(Quantizer):
         self.bits, self.sym, self.group_size, self.act_order = bits, sym, group_size, act_order
         self.bits_options = sorted(int(b) for b in bits_options)
 
-    def allocate(self, weights, stats, hinv_diags, layer=None):
+    def allocate(self, weights, stats, hinv_diags, layer=None, factor_diags=None):
         return {p: torch.full((w.shape[0],), self.bits, dtype=torch.int64) for p, w in weights.items()}, {}
 
     def quantizer(self, bits):

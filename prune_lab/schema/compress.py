@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
@@ -48,6 +49,11 @@ class UniformQuantConf(QuantConf):
     act_order: bool = False                  # GPTQ columns by decreasing diag(H), static groups
 
 
+class QuantScore(Enum):
+    lab = 1                                  # the lab's five dimensions, each per output channel (README)
+    original = 2                             # the seed SparseGPT-enhanced definitions (allocation.original_dimensions)
+
+
 @dataclass
 class MixedQuantConf(QuantConf):
     _target_: str = "prune_lab.quant.Mixed"
@@ -62,6 +68,7 @@ class MixedQuantConf(QuantConf):
     score_power: float = 1.0                 # budget: minimise sum score^p * error(bits)
     quantiles: Optional[List[float]] = None  # quantile: cumulative weight-share boundaries (len(bits_options) - 1)
     layer_avg_bits: Dict[int, float] = field(default_factory=dict)   # {layer: average bits} instead of target_avg_bits
+    score: QuantScore = QuantScore.lab       # which definitions of the five dimensions
 
 
 # ---- finetune ------------------------------------------------------------------------------

@@ -183,6 +183,7 @@ def job_settings(config, searched) -> dict[str, str]:
 
 NEUTRAL = ("null", "false", "0", "0.0", "[]", "{}", '""')
 RETIRED = {"reconstruct.obs_chunk": "0"}   # retired setting -> its old default (now null; obs_block took over)
+ADDED = {"quant.score": '"QuantScore.lab"'}   # added later with a non-neutral default: the same job at it
 
 
 def check_same_job(study, settings: dict[str, str]) -> None:
@@ -194,6 +195,7 @@ def check_same_job(study, settings: dict[str, str]) -> None:
     # a setting added to prune_lab after the study was made is the same job while it keeps a neutral
     # value (null, false, 0, empty): the study's jobs ran without that option
     added = {k for k in set(settings) - set(have) if settings[k] in NEUTRAL}
+    added |= {k for k, v in ADDED.items() if k not in have and settings.get(k) == v}
     added |= {k for k, old in RETIRED.items() if have.get(k) == old and settings.get(k, "null") == "null"}
     differ = sorted(k for k in (set(have) | set(settings)) - added if have.get(k) != settings.get(k))
     if differ:
