@@ -46,6 +46,7 @@ BUCKETS = [
 def frame_bucket(stack: list[str]) -> str:
     for frame in reversed(stack):                       # leaf first
         name, _, where = frame.partition(" (")
+        name = name.rsplit(".", 1)[-1]                   # py-spy prints qualified names (Accumulator.add)
         for fn, suffix, bucket in BUCKETS:
             if name == fn and (suffix in where or suffix == "bench_forward" and "profile_engine_obs" in where):
                 return bucket
@@ -59,9 +60,9 @@ def shares(path: str) -> None:
         if stack:
             counts[frame_bucket(stack.split(";"))] += int(n)
     total = sum(counts.values())
-    ref = counts.get("reference: dense calibration forward", 0)
-    pass_total = total - ref - counts.get("other (model load, Python, engine bookkeeping)", 0)
-    print(f"samples {total}; reference forward {ref}; pass (bucketed) {pass_total}\n")
+    ref = counts.get("reference: dense calibration forward", 0) / 2   # the warm-up and the timed forward
+    pass_total = total - 2 * ref - counts.get("other (model load, Python, engine bookkeeping)", 0)
+    print(f"samples {total}; one reference forward {ref:.0f}; pass (bucketed) {pass_total} = {pass_total / max(ref, 1):.2f} forwards\n")
     print("| part of the obs pass | samples | share of the pass | x one forward |\n|---|---|---|---|")
     for bucket, n in counts.most_common():
         if bucket.startswith("reference"):
