@@ -92,14 +92,16 @@ def lab_batches():
     return model, Calibration().batches(streams(WikiVital(), "train"), 0), streams(WikiVital(), "test")
 
 
-def bench_obs(work: Path, rounds: int, samples: int) -> None:
+def bench_obs(work: Path, rounds: int, samples: int, skip_old: bool = False) -> None:
     import prune_lab
-    old = old_package(OLD, work)
+    old = None if skip_old else old_package(OLD, work)
     model, batches, _ = lab_batches()
     batches = batches[: max(1, samples // 8)]
     plans = {"MLP only, 245 channels/layer (default job's count)": (0, 245),
              "uniform 25%: 1 KV group + 192 channels/layer": (1, 192)}
     variants = {"old": (old, {}), "new": (prune_lab, {}), "new obs_block=1": (prune_lab, {"obs_block": 1})}
+    if skip_old:
+        del variants["old"]
 
     def forward():
         with torch.no_grad():
@@ -108,7 +110,7 @@ def bench_obs(work: Path, rounds: int, samples: int) -> None:
     forward()
     for r in range(rounds):
         for plan_name, (groups, channels) in plans.items():
-            order = list(variants)[r % 3:] + list(variants)[: r % 3]
+            order = list(variants)[r % len(variants):] + list(variants)[: r % len(variants)]
             fwd = timed(forward)[0]
             for name in order:                    # a forward right before and right after each pass
                 pkg, kw = variants[name]
@@ -126,6 +128,10 @@ def bench_obs(work: Path, rounds: int, samples: int) -> None:
 
 def fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
+
+
+def fmt1(x) -> str:
+    return "–" if x is None else f"{x:.1f}"
 
 
 def report(work: Path) -> None:
@@ -175,8 +181,8 @@ def report(work: Path) -> None:
                   "| setting | old s | new s | llm-compressor s | new / llm-compressor | PPL old | PPL new | PPL llmc "
                   "| threads | load |", "|---" * 10 + "|"]
         for r in sgpt:
-            lines.append(f"| {r['setting']} | {r['old_s']:.1f} | {r['new_s']:.1f} | {r['llmc_s']:.1f} | "
-                         f"{r['new_s'] / r['llmc_s']:.2f}x | {r['old_ppl']:.2f} | {r['new_ppl']:.2f} | "
+            lines.append(f"| {r['setting']} | {fmt1(r.get('old_s'))} | {r['new_s']:.1f} | {r['llmc_s']:.1f} | "
+                         f"{r['new_s'] / r['llmc_s']:.2f}x | {fmt(r.get('old_ppl'))} | {r['new_ppl']:.2f} | "
                          f"{r['llmc_ppl']:.2f} | {r['threads']} | {r['load']} |")
     OUT.write_text("\n".join(lines) + "\n")
     print(OUT)
@@ -195,6 +201,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help='sparsegpt: "|"-separated settings')
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
+    ap.add_argument("--skip-old", action="store_true", help="obs, sparsegpt: without the old revision's engine "
+                    "(its rows are the reference of the earlier tables; saves ~half the time)")
     ap.add_argument("--inner", action="store_true", help="(internal) sparsegpt inside llm-compressor's venv")
     args = ap.parse_args()
     this_tree()
@@ -202,7 +210,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     if args.row == "obs":
-        bench_obs(work, args.rounds, args.samples)
+        bench_obs(work, args.rounds, args.samples, args.skip_old)
     elif args.row == "width":
         from bench_engine_width import bench_width
         bench_width(work, [int(w) for w in args.widths.split(",")], args.slow_max)
@@ -211,14 +219,15 @@ def main() -> None:
         bench_smollm2(work, args.layers, args.rounds, args.only.split("|") if args.only else None)
     elif args.row == "sparsegpt" and args.inner:
         from bench_engine_llmc import bench_sparsegpt
-        bench_sparsegpt(work, args.only.split("|") if args.only else None, args.windows)
+        bench_sparsegpt(work, args.only.split("|") if args.only else None, args.windows, args.skip_old)
     elif args.row == "sparsegpt":
         sys.path.insert(0, str(REPO / "experiments"))
         import compare_llmcompressor as cl
         cl.export(work)
         subprocess.run([args.llmc_python, __file__, "sparsegpt", "--inner", "--work", str(work),
                         "--threads", str(args.threads)] + (["--only", args.only] if args.only else [])
-                       + (["--windows", str(args.windows)] if args.windows else []), check=True,
+                       + (["--windows", str(args.windows)] if args.windows else [])
+                       + (["--skip-old"] if args.skip_old else []), check=True,
                        env=dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'experiments'}"))
     report(work)
 

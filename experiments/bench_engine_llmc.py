@@ -12,7 +12,7 @@ import torch
 from bench_engine import OLD, REPO, emit, old_package, sub, timed
 
 
-def bench_sparsegpt(work: Path, only: list[str] | None, windows: int | None) -> None:
+def bench_sparsegpt(work: Path, only: list[str] | None, windows: int | None, skip_old: bool = False) -> None:
     """(llm-compressor's venv) per setting: old engine, new engine, oneshot, back to back; PPL of each."""
     sys.path.insert(0, str(REPO / "experiments"))
     import compare_llmcompressor as cl
@@ -22,7 +22,7 @@ def bench_sparsegpt(work: Path, only: list[str] | None, windows: int | None) -> 
 
     import prune_lab
     from prune_lab.eval.ppl import perplexity
-    old = old_package(OLD, work)
+    old = None if skip_old else old_package(OLD, work)
     data = torch.load(work / "tokens.pt", weights_only=True)
     specs = json.loads((work / "methods.json").read_text())
     cal, bs = data["calibration"], int(data["batch_size"])
@@ -33,7 +33,7 @@ def bench_sparsegpt(work: Path, only: list[str] | None, windows: int | None) -> 
         if only and name not in only:
             continue
         row = {"setting": name, "windows": windows}
-        for label, pkg in (("old", old), ("new", prune_lab)):
+        for label, pkg in ((("old", old),) if old is not None else ()) + (("new", prune_lab),):
             spec = specs[name]
             make = lambda mod, conf: getattr(sub(pkg, mod), conf["_target_"].rsplit(".", 1)[1])(  # noqa: E731
                 **{k: v for k, v in conf.items() if k != "_target_"})
