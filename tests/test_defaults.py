@@ -3,8 +3,8 @@ __init__ defaults, and an option YAML only departs from them where it is a delib
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import enum
+import importlib
 import inspect
 
 import pytest
@@ -57,6 +57,9 @@ def init_params(fn) -> dict:
 
 
 def field_default(f: dataclasses.Field):
+    """A schema field's default as a target's signature and the YAML spell it (a typed choice: its name)."""
+    if isinstance(f.default, enum.Enum):
+        return f.default.name
     if f.default is not dataclasses.MISSING:
         return f.default
     value = f.default_factory()
@@ -83,8 +86,6 @@ def test_schema_defaults_are_the_targets_signature_defaults(group, name, dc):
         expected = params[key]
         if isinstance(default, str) and default.startswith("${"):     # filled from the job (e.g. ${engine})
             continue
-        if isinstance(default, enum.Enum):                             # typed choices: the target takes the name
-            default = default.name
         if expected is inspect.Parameter.empty:
             assert default is MISSING, f"{dc.__name__}.{key}: {fn.__qualname__} requires it, schema gives {default}"
         else:
@@ -114,7 +115,6 @@ def test_option_yaml_departs_from_the_defaults_only_as_a_preset(group, option):
             want |= {f"{key}.{k}": v for k, v in schema_defaults(SECTIONS[key]).items()}
         elif key != "_target_":
             flat[key], want[key] = value, expected[key]
-    want = {k: v.name if isinstance(v, enum.Enum) else v for k, v in want.items()}   # yaml spells enums by name
     departs = {k for k, v in flat.items() if v != want[k]}
     assert departs == PRESETS.get((group, option), set()), \
         {k: (flat[k], want[k]) for k in departs ^ PRESETS.get((group, option), set()) if k in flat}

@@ -1,6 +1,7 @@
 """quant=mixed: bits per output channel from its activation-aware score (the math: allocation.py)."""
 from __future__ import annotations
 
+from enum import Enum
 from types import MappingProxyType
 
 import torch
@@ -36,7 +37,7 @@ class Mixed(Uniform):
                  thresholds=(0.5, 1.2), sym: bool = True, group_size: int | None = None,
                  act_order: bool = False, score_power: float = 1.0, quantiles=None,
                  layer_avg_bits=MappingProxyType({}), score="lab"):
-        score = getattr(score, "name", score)             # the schema's QuantScore enum, or its name
+        score = score.name if isinstance(score, Enum) else score   # the schema's QuantScore, or its name
         if score not in SCORES:
             raise PruneLabError(f"quant.score must be one of {', '.join(SCORES)}, got '{score}'")
         layer_avg_bits = {int(k): float(v) for k, v in (layer_avg_bits or {}).items()}
