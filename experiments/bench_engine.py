@@ -126,12 +126,8 @@ def bench_obs(work: Path, rounds: int, samples: int, skip_old: bool = False) -> 
                 fwd = after
 
 
-def fmt(x) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def fmt1(x) -> str:
-    return "–" if x is None else f"{x:.1f}"
+def fmt(x, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
 
 
 def report(work: Path) -> None:
@@ -181,7 +177,7 @@ def report(work: Path) -> None:
                   "| setting | old s | new s | llm-compressor s | new / llm-compressor | PPL old | PPL new | PPL llmc "
                   "| threads | load |", "|---" * 10 + "|"]
         for r in sgpt:
-            lines.append(f"| {r['setting']} | {fmt1(r.get('old_s'))} | {r['new_s']:.1f} | {r['llmc_s']:.1f} | "
+            lines.append(f"| {r['setting']} | {fmt(r.get('old_s'), '.1f')} | {r['new_s']:.1f} | {r['llmc_s']:.1f} | "
                          f"{r['new_s'] / r['llmc_s']:.2f}x | {fmt(r.get('old_ppl'))} | {r['new_ppl']:.2f} | "
                          f"{r['llmc_ppl']:.2f} | {r['threads']} | {r['load']} |")
     OUT.write_text("\n".join(lines) + "\n")

@@ -1,17 +1,20 @@
-"""Benchmark (not a test): (G+λI)⁻¹ from its Cholesky factor, torch.cholesky_inverse vs
-core.linalg.cholesky_to_inverse (cholesky_solve against I), side by side in one process, float64.
+"""Benchmark (not a test): (G+λI)⁻¹ from its Cholesky factor, torch.cholesky_inverse (what the engine uses)
+vs cholesky_solve against I (tried in 89103d0 as core.linalg.cholesky_to_inverse, reverted in fa835f8 after
+this benchmark), side by side in one process, float64.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 flock /tmp/prune_lab_heavy.lock .venv/bin/python experiments/bench_inverse.py
+    OMP_NUM_THREADS=2 flock /tmp/prune_lab_heavy.lock .venv/bin/python experiments/bench_inverse.py
 """
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prune_lab.core.linalg import cholesky_to_inverse  # noqa: E402
+
+def cholesky_to_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """The reverted alternative: A⁻¹ = cholesky_solve(I, L), symmetrised."""
+    inv = torch.cholesky_solve(torch.eye(factor.shape[-1], dtype=factor.dtype), factor)
+    return (inv + inv.mT).mul_(0.5)
+
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 print("| n | cholesky_inverse s | cholesky_solve(I) s | solve / inverse | max abs diff | threads | load |")
