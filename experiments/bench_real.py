@@ -41,37 +41,43 @@ G128 = ["quant=uniform", "quant.bits=4", "quant.group_size=128", "quant.act_orde
 def structured(ratio: float) -> dict[str, list[str]]:
     r = [] if ratio == 0.25 else [f"allocator.ratio={ratio}"]
     p = f"{round(ratio * 100)}%"
+    t = [*r, "importance=taylor"]          # the default before these rows (importance=obs since)
     return {
-        f"{p} taylor global obs (default job)": [*r],
-        f"{p} taylor global none": [*r, "reconstruct=none"],
-        f"{p} taylor global bias": [*r, "reconstruct=bias"],
-        f"{p} taylor global lstsq": [*r, "reconstruct=lstsq"],
-        f"{p} importance=obs global obs": [*r, "importance=obs"],
+        f"{p} default job (importance=obs global obs)": [*r],
+        f"{p} taylor global obs": t,
+        f"{p} taylor global none": [*t, "reconstruct=none"],
+        f"{p} taylor global bias": [*t, "reconstruct=bias"],
+        f"{p} taylor global lstsq": [*t, "reconstruct=lstsq"],
+        f"{p} importance=obs global none": [*r, "reconstruct=none"],
         f"{p} FLAP (importance=flap reconstruct=bias)": [*r, "importance=flap", "reconstruct=bias"],
-        f"{p} taylor uniform obs": [*r, "allocator=uniform"],
-        f"{p} taylor uniform none": [*r, "allocator=uniform", "reconstruct=none"],
-        f"{p} taylor layerwise obs": [*r, "allocator=layerwise"],
-        f"{p} taylor layerwise none": [*r, "allocator=layerwise", "reconstruct=none"],
+        f"{p} taylor uniform obs": [*t, "allocator=uniform"],
+        f"{p} taylor uniform none": [*t, "allocator=uniform", "reconstruct=none"],
+        f"{p} taylor layerwise obs": [*t, "allocator=layerwise"],
+        f"{p} taylor layerwise none": [*t, "allocator=layerwise", "reconstruct=none"],
         f"{p} depth (whole layers)": [*r, "allocator=depth"],
-        f"{p} taylor uniform_shape obs": [*r, "allocator=uniform_shape"],
-        f"{p} taylor uniform_shape none": [*r, "allocator=uniform_shape", "reconstruct=none"],
+        f"{p} taylor uniform_shape obs": [*t, "allocator=uniform_shape"],
+        f"{p} taylor uniform_shape none": [*t, "allocator=uniform_shape", "reconstruct=none"],
     }
 
 
+RECOVERY = ["finetune.max_steps=40", "finetune.batch_size=4", "finetune.warmup_steps=4"]   # 40 x 4 x 256 tokens
 GROUPS: dict[str, dict[str, list[str]]] = {
     "dense": {"dense (allocator.ratio=0)": ["allocator.ratio=0"]},
     "structured 25%": structured(0.25),
     "structured 50%": structured(0.5),
-    "structured + recovery": {"25% taylor global obs + finetune=lora": ["finetune=lora"]},
+    "structured + recovery": {"25% default job + finetune=lora (40 x 4 x 256)": ["finetune=lora", *RECOVERY],
+                              "25% default job + finetune=distill (40 x 4 x 256)": ["finetune=distill", *RECOVERY]},
     "unstructured / quantized": {
         **{f"{m} {s}": [f"method={m}", *o] for m in ("sparsegpt", "wanda", "magnitude")
            for s, o in (("50%", ["method.sparsity=0.5"]), ("2:4", ["method.prune_n=2", "method.prune_m=4"]))},
         "GPTQ 4-bit g128 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *G128],
+        "GPTQ 4-bit g64 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *G128, "quant.group_size=64"],
         "GPTQ 4-bit g32 asym (Q4_1's grid)": ["method=sparsegpt", "method.sparsity=0", *G128,
                                               "quant.sym=false", "quant.group_size=32"],
         "mixed 4.0 bits (budget, g128)": ["method=sparsegpt", "method.sparsity=0", "quant=mixed",
                                           "quant.group_size=128", "quant.act_order=true"],
         "sparsegpt 50% + GPTQ 4-bit g128": ["method=sparsegpt", "method.sparsity=0.5", *G128],
+        "25% default job + GPTQ 4-bit g128": ["quant=uniform", "quant.bits=4", "quant.group_size=128"],
     },
 }
 ROWS = {name: ov for rows in GROUPS.values() for name, ov in rows.items()}
@@ -81,9 +87,9 @@ PRIORITY = ["dense (allocator.ratio=0)", "25% taylor global none", "sparsegpt 50
             "GPTQ 4-bit g128 (sym, act order)", "GPTQ 4-bit g32 asym (Q4_1's grid)", "25% depth (whole layers)",
             "25% taylor uniform none", "25% taylor layerwise none", "25% taylor uniform_shape none",
             "50% taylor global none", "magnitude 50%", "sparsegpt 2:4", "wanda 2:4", "magnitude 2:4",
-            "25% taylor global obs (default job)", "25% importance=obs global obs",
+            "25% taylor global obs", "25% default job (importance=obs global obs)",
             "25% FLAP (importance=flap reconstruct=bias)", "25% taylor global bias", "25% taylor global lstsq",
-            "50% taylor global obs (default job)", "50% importance=obs global obs",
+            "50% taylor global obs", "50% default job (importance=obs global obs)",
             "50% FLAP (importance=flap reconstruct=bias)"]
 ORDER = PRIORITY + [n for n in ROWS if n not in PRIORITY]
 

@@ -50,6 +50,9 @@ PAIRS = {
     "SparseGPT 50%": (["method=sparsegpt", "method.sparsity=0.5"], "sparsegpt_50"),
     "SparseGPT 2:4": (["method=sparsegpt", "method.prune_n=2", "method.prune_m=4"], "sparsegpt_24"),
     "GPTQ W4A16 (g128, static act order)": (["method=sparsegpt", "method.sparsity=0", *G128], "gptq_w4a16"),
+    # SmolLM2's 576 input columns are no multiple of 128 (llm-compressor refuses g128): g64 is the pair there
+    "GPTQ W4A16 (g64, static act order)": (["method=sparsegpt", "method.sparsity=0", *G128, "quant.group_size=64"],
+                                           "gptq_w4a16_g64"),
     "Wanda 50%": (["method=wanda", "method.sparsity=0.5"], "wanda_50"),
     "Wanda 2:4": (["method=wanda", "method.prune_n=2", "method.prune_m=4"], "wanda_24"),
     "SparseGPT 50% + GPTQ W4A16": (["method=sparsegpt", "method.sparsity=0.5", *G128], "sparsegpt_50_gptq"),
@@ -102,6 +105,10 @@ def llmc_recipe(key: str):
     return {"sparsegpt_50": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common)],
             "sparsegpt_24": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)],
             "gptq_w4a16": lambda: [gptq()],
+            "gptq_w4a16_g64": lambda: [GPTQModifier(config_groups={"group_0": {
+                "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                   "strategy": "group", "group_size": 64, "actorder": "static"}}},
+                ignore=["lm_head"])],
             "wanda_50": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **common)],
             "wanda_24": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)],
             "sparsegpt_50_gptq": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common), gptq()],

@@ -67,7 +67,8 @@ def legacy_job(tmp_path):
     shutil.copy(PRE_HOUSE / "study.db", tmp_path / "study.db")
     write_small_corpus(tmp_path)
     args = [a for a in tiny_overrides("llama") if not a.startswith("cache.")]
-    return [*args, "data=text", "data.train=train.txt", "data.test=test.txt"]
+    # importance=taylor: the default when the fixtures were made (importance=obs since issue 17)
+    return [*args, "importance=taylor", "data=text", "data.train=train.txt", "data.test=test.txt"]
 
 
 def _cli(tmp_path, *args):
@@ -80,8 +81,9 @@ def test_a_score_cache_entry_written_before_the_move_is_reused(tmp_path, legacy_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "ok"
     assert metrics["scores"] == {"reused": True, "layer_reused": True}
-    # the pre-move job's PPL (eval.ppl sums batch NLLs exactly as before prefix_windows: bit-equal)
-    assert metrics["pruned"]["ppl/data"] == pytest.approx(8484.162925395998, rel=1e-9)
+    # the pre-move job's PPL (eval.ppl sums batch NLLs exactly as before prefix_windows: bit-equal on the CPU
+    # that made it; an AVX2-only EPYC gives 8484.1546, 1e-6 away: other SIMD kernels)
+    assert metrics["pruned"]["ppl/data"] == pytest.approx(8484.162925395998, rel=1e-5)
 
 
 def test_a_study_written_before_the_move_resumes_after_it(tmp_path, legacy_job):
