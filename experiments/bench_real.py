@@ -118,15 +118,23 @@ def run(name: str, work: Path, lock: str | None, quick: bool = False) -> dict:
     rev, start = git_rev(), time.time()
     with open(f"{run_dir}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    row = {"row": name, "group": GROUP_OF[name], "command": command(name, quick), "run_dir": str(run_dir),
+    return read_row(name, run_dir, command(name, quick), quick, rc, round(time.time() - start, 1), rev)
+
+
+def read_row(name: str, run_dir: Path, cmd: str, quick: bool, rc: int | None, wall_s: float | None,
+             rev: str | None) -> dict:
+    """A row from a run dir: bench_real's own jobs, or (--adopt) a job run by hand with the row's overrides."""
+    row = {"row": name, "group": GROUP_OF[name], "command": cmd, "run_dir": str(run_dir),
            "windows": PREFIX if quick else "all",
-           "returncode": rc, "wall_s": round(time.time() - start, 1), "load_after": round(os.getloadavg()[0], 2),
-           "git": rev}
+           "returncode": rc, "wall_s": wall_s, "load_after": round(os.getloadavg()[0], 2), "git": rev}
     mpath = run_dir / "metrics.json"
     if not mpath.exists():
         return row | {"status": "failed", "error": f"no metrics.json (see {run_dir}.log)"}
     m = json.loads(mpath.read_text())
     pruned, recovered, plan, comp = (m.get(k) or {} for k in ("pruned", "recovered", "plan", "compression"))
+    if quick:          # a job run with eval.ppl.max_windows=64 alone: its whole-split figure is the 64-window one
+        for d in (pruned, recovered):
+            d.setdefault(f"ppl/data@{PREFIX}", d.get("ppl/data"))
     model = m.get("model") or {}
     row |= {"status": m["status"], "error": m.get("error"),
             "ppl": None if quick else pruned.get("ppl/data"), f"ppl@{PREFIX}": pruned.get(f"ppl/data@{PREFIX}"),
@@ -202,7 +210,7 @@ def render(rows: dict) -> str:
                 continue
             p64, p = r.get(f"ppl@{PREFIX}"), r.get("ppl")
             x = p64 / d64 if p64 and d64 else None
-            if r.get("recovered_ppl") is not None:       # pruned -> recovered
+            if r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None:   # -> recovered
                 p64 = f"{f(p64)} → {f(r.get(f'recovered_ppl@{PREFIX}'))}"
                 p = f"{f(p)} → {f(r['recovered_ppl'])}"
                 x = r.get(f"recovered_ppl@{PREFIX}") / d64 if d64 and r.get(f"recovered_ppl@{PREFIX}") else None
@@ -227,7 +235,7 @@ def readme_table(rows: dict) -> str:
         if not r or r.get("status") != "ok":
             continue
         p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl")) if r.get("windows") != PREFIX else "(64 only)"
-        if r.get("recovered_ppl") is not None:
+        if r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None:
             p64, p = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}", f"{p} → {f(r['recovered_ppl'])}"
         t = (r.get("timings_s") or {}).get("total")
         out.append(f"| {name} | {p64} | {p} | {removed(r)} | {f(t, '.0f')} | `{' '.join(ROWS[name]) or '(nothing)'}` |")
@@ -251,10 +259,19 @@ def peer_row(peer: str, r: dict) -> dict:
         return {"setting": f"llm-compressor {r['setting']}",
                 "ppl@": r.get("llmc_ppl") if quick else r.get(f"llmc_ppl@{PREFIX}"),
                 "ppl": None if quick else r.get("llmc_ppl"), "removed": f"zeros {zeros:.3f}" if zeros is not None else "–",
-                "seconds": r.get("llmc_s"), "note": r.get("llmc_error")}
+                "seconds": r.get("llmc_s"), "note": r.get("llmc_error") or _ours_beside(r, quick)}
     return {"setting": r["setting"], "ppl@": r.get(f"ppl@{PREFIX}"),
             "ppl": None if r.get("windows") == PREFIX else r.get("ppl"),
             "removed": r.get("removed") or "–", "seconds": r.get("seconds"), "note": r.get("error") or r.get("notes")}
+
+
+def _ours_beside(r: dict, quick: bool) -> str | None:
+    """compare_llmcompressor.py without --peers-only ran prune_lab's engine pass in the same process."""
+    ours = r.get("ours_ppl") if quick else r.get(f"ours_ppl@{PREFIX}")
+    if ours is None:
+        return None
+    return (f"prune_lab in the same process, same token ids: {ours:.2f} @{PREFIX} ({r['ours_s']:.0f} s, "
+            f"load {r['ours_load']:.1f}; llm-compressor's at load {r['llmc_load']:.1f})")
 
 
 def peers_section(d64, d216) -> list[str]:
@@ -295,7 +312,15 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the json")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands")
     ap.add_argument("--readme-table", action="store_true", help="print the README's compact table")
+    ap.add_argument("--adopt", nargs=3, metavar=("ROW", "RUN_DIR", "COMMAND"),
+                    help="record a 64-window job run by hand with ROW's overrides (COMMAND: as it was typed)")
     args = ap.parse_args()
+    if args.adopt:
+        name, run_dir, cmd = args.adopt
+        if name not in ROWS:
+            sys.exit(f"unknown row {name!r}; --list shows them")
+        save_rows(load_rows() | {name: read_row(name, Path(run_dir), cmd, True, None, None, git_rev())})
+        args.render = True
     if args.readme_table:
         print(readme_table(load_rows()))
         return
