@@ -236,7 +236,8 @@ def readme_table(rows: dict) -> str:
             continue
         p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl")) if r.get("windows") != PREFIX else "(64 only)"
         if r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None:
-            p64, p = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}", f"{p} → {f(r['recovered_ppl'])}"
+            p64 = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}"
+            p = p if r.get("windows") == PREFIX else f"{p} → {f(r['recovered_ppl'])}"
         t = (r.get("timings_s") or {}).get("total")
         out.append(f"| {name} | {p64} | {p} | {removed(r)} | {f(t, '.0f')} | `{' '.join(ROWS[name]) or '(nothing)'}` |")
     for peer, path in PEERS.items():
