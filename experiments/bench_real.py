@@ -35,7 +35,12 @@ PREFIX = 64
 BASE = ["model=smollm2_135m", f"eval.ppl.prefix_windows=[{PREFIX}]", "output.plots=false"]
 NOTES = "## Notes"
 
-G128 = ["quant=uniform", "quant.bits=4", "quant.group_size=128", "quant.act_order=true"]
+def gptq4(group_size: int) -> list[str]:
+    """4-bit GPTQ with static activation order in groups of group_size columns."""
+    return ["quant=uniform", "quant.bits=4", f"quant.group_size={group_size}", "quant.act_order=true"]
+
+
+G128 = gptq4(128)
 
 
 def structured(ratio: float) -> dict[str, list[str]]:
@@ -71,7 +76,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         **{f"{m} {s}": [f"method={m}", *o] for m in ("sparsegpt", "wanda", "magnitude")
            for s, o in (("50%", ["method.sparsity=0.5"]), ("2:4", ["method.prune_n=2", "method.prune_m=4"]))},
         "GPTQ 4-bit g128 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *G128],
-        "GPTQ 4-bit g64 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *G128, "quant.group_size=64"],
+        "GPTQ 4-bit g64 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *gptq4(64)],
         "GPTQ 4-bit g32 asym (Q4_1's grid)": ["method=sparsegpt", "method.sparsity=0", *G128,
                                               "quant.sym=false", "quant.group_size=32"],
         "mixed 4.0 bits (budget, g128)": ["method=sparsegpt", "method.sparsity=0", "quant=mixed",
@@ -167,6 +172,11 @@ def f(v, spec: str = ".2f") -> str:
 STAGES = ("load", "score", "allocate", "reconstruct", "prune", "engine", "evaluate", "recover", "evaluate_recovered")
 
 
+def has_recovery(r: dict) -> bool:
+    """The row recovered (finetune): a 64-window row has only the @64 figure."""
+    return r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None
+
+
 def stages(t: dict | None) -> str:
     if not t:
         return "–"
@@ -210,7 +220,7 @@ def render(rows: dict) -> str:
                 continue
             p64, p = r.get(f"ppl@{PREFIX}"), r.get("ppl")
             x = p64 / d64 if p64 and d64 else None
-            if r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None:   # -> recovered
+            if has_recovery(r):                            # pruned -> recovered
                 p64 = f"{f(p64)} → {f(r.get(f'recovered_ppl@{PREFIX}'))}"
                 p = f"{f(p)} → {f(r['recovered_ppl'])}"
                 x = r.get(f"recovered_ppl@{PREFIX}") / d64 if d64 and r.get(f"recovered_ppl@{PREFIX}") else None
@@ -235,7 +245,7 @@ def readme_table(rows: dict) -> str:
         if not r or r.get("status") != "ok":
             continue
         p64, p = f(r.get(f"ppl@{PREFIX}")), f(r.get("ppl")) if r.get("windows") != PREFIX else "(64 only)"
-        if r.get("recovered_ppl") is not None or r.get(f"recovered_ppl@{PREFIX}") is not None:
+        if has_recovery(r):
             p64 = f"{p64} → {f(r.get(f'recovered_ppl@{PREFIX}'))}"
             p = p if r.get("windows") == PREFIX else f"{p} → {f(r['recovered_ppl'])}"
         t = (r.get("timings_s") or {}).get("total")

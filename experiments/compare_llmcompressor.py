@@ -43,7 +43,12 @@ PREFIX = 64                                   # also the PPL of the first 64 win
 
 def out_path(model: str) -> Path:
     return RESULTS / ("llmcompressor.json" if model == "lab_llama" else f"llmcompressor_{model}.json")
-G128 = ["quant=uniform", "quant.bits=4", "quant.group_size=128", "quant.act_order=true"]
+def gptq4(group_size: int) -> list[str]:
+    """prune_lab's overrides of 4-bit GPTQ with static activation order in groups of group_size columns."""
+    return ["quant=uniform", "quant.bits=4", f"quant.group_size={group_size}", "quant.act_order=true"]
+
+
+G128 = gptq4(128)
 # name: (prune_lab overrides of the same setting, llm-compressor recipe name); llm-compressor at its defaults
 # except what the setting fixes (sparsity, mask structure); prune_lab at its config defaults.
 PAIRS = {
@@ -51,8 +56,7 @@ PAIRS = {
     "SparseGPT 2:4": (["method=sparsegpt", "method.prune_n=2", "method.prune_m=4"], "sparsegpt_24"),
     "GPTQ W4A16 (g128, static act order)": (["method=sparsegpt", "method.sparsity=0", *G128], "gptq_w4a16"),
     # SmolLM2's 576 input columns are no multiple of 128 (llm-compressor refuses g128): g64 is the pair there
-    "GPTQ W4A16 (g64, static act order)": (["method=sparsegpt", "method.sparsity=0", *G128, "quant.group_size=64"],
-                                           "gptq_w4a16_g64"),
+    "GPTQ W4A16 (g64, static act order)": (["method=sparsegpt", "method.sparsity=0", *gptq4(64)], "gptq_w4a16_g64"),
     "Wanda 50%": (["method=wanda", "method.sparsity=0.5"], "wanda_50"),
     "Wanda 2:4": (["method=wanda", "method.prune_n=2", "method.prune_m=4"], "wanda_24"),
     "SparseGPT 50% + GPTQ W4A16": (["method=sparsegpt", "method.sparsity=0.5", *G128], "sparsegpt_50_gptq"),
@@ -101,14 +105,16 @@ def llmc_recipe(key: str):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier
     common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
-    gptq = lambda: GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])  # noqa: E731  g128, static
+    def gptq(group_size: int = 128):          # W4A16: symmetric int4 groups, static activation order
+        if group_size == 128:                 # the preset itself
+            return GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
+                   "actorder": "static"}
+        return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
     return {"sparsegpt_50": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common)],
             "sparsegpt_24": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)],
             "gptq_w4a16": lambda: [gptq()],
-            "gptq_w4a16_g64": lambda: [GPTQModifier(config_groups={"group_0": {
-                "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                   "strategy": "group", "group_size": 64, "actorder": "static"}}},
-                ignore=["lm_head"])],
+            "gptq_w4a16_g64": lambda: [gptq(64)],
             "wanda_50": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **common)],
             "wanda_24": lambda: [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)],
             "sparsegpt_50_gptq": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", **common), gptq()],
