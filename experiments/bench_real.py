@@ -70,8 +70,13 @@ GROUPS: dict[str, dict[str, list[str]]] = {
     "dense": {"dense (allocator.ratio=0)": ["allocator.ratio=0"]},
     "structured 25%": structured(0.25),
     "structured 50%": structured(0.5),
-    "structured + recovery": {"25% default job + finetune=lora (40 x 4 x 256)": ["finetune=lora", *RECOVERY],
-                              "25% default job + finetune=distill (40 x 4 x 256)": ["finetune=distill", *RECOVERY]},
+    "structured + recovery": {
+        "25% default job + finetune=lora (40 x 4 x 256)": ["finetune=lora", *RECOVERY],
+        "25% default job + finetune=distill (40 x 4 x 256)": ["finetune=distill", *RECOVERY],
+        "25% default job + finetune=distill ce_weight=1 (40 x 4 x 256)": ["finetune=distill", *RECOVERY,
+                                                                          "finetune.ce_weight=1"],
+        "50% default job + finetune=lora (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=lora", *RECOVERY],
+        "50% default job + finetune=distill (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=distill", *RECOVERY]},
     "unstructured / quantized": {
         **{f"{m} {s}": [f"method={m}", *o] for m in ("sparsegpt", "wanda", "magnitude")
            for s, o in (("50%", ["method.sparsity=0.5"]), ("2:4", ["method.prune_n=2", "method.prune_m=4"]))},
@@ -82,7 +87,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "mixed 4.0 bits (budget, g128)": ["method=sparsegpt", "method.sparsity=0", "quant=mixed",
                                           "quant.group_size=128", "quant.act_order=true"],
         "sparsegpt 50% + GPTQ 4-bit g128": ["method=sparsegpt", "method.sparsity=0.5", *G128],
-        "25% default job + GPTQ 4-bit g128": ["quant=uniform", "quant.bits=4", "quant.group_size=128"],
+        "25% default job + GPTQ 4-bit g128 (sym, act order)": [*G128],       # = the 4-bit row's quantizer
     },
 }
 ROWS = {name: ov for rows in GROUPS.values() for name, ov in rows.items()}

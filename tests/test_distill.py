@@ -17,7 +17,7 @@ from prune_lab.core.adapter import layer_views, view_linears
 from prune_lab.core.executor import apply_plan
 from prune_lab.core.plan import PruningPlan
 from prune_lab.errors import PruneLabError
-from prune_lab.finetune import Distill, WindowSampler
+from prune_lab.finetune import Distill, LoRA, WindowSampler
 from prune_lab.finetune import kd
 from prune_lab.recipes import run
 
@@ -127,9 +127,36 @@ def test_gradients_flow_only_into_the_trained_parameters(mode):
     assert all("lora_" in n for n in lora) if mode == "lora" else len(lora) == len(list(student.parameters()))
 
 
+@pytest.mark.parametrize("topk", [None, 8])
+def test_teacher_correction_fine_tunes_a_copy_of_the_dense_model(topk):
+    """teacher_correction_steps=4: the teacher is the dense model after exactly the CE-LoRA run a reference
+    LoRA trainer gives (seed + 1); the dense model itself, which the recipe prunes, is left as loaded."""
+    dense = lively(tiny_model("llama"))
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    stream = torch.randint(0, 8192, (600,), generator=torch.Generator().manual_seed(2))
+    distill = Distill(teacher_correction_steps=4, teacher_topk=topk, dropout=0.0, max_steps=2, **SMALL)
+    teacher = distill.teacher(dense, stream, seed=0)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+    reference = copy.deepcopy(dense)
+    record = LoRA(dropout=0.0, lr=2e-3, max_steps=4, **SMALL)(reference, None, stream, seed=1)
+    assert teacher.correction["steps"] == 4 and teacher.correction["first_loss"] == pytest.approx(record["first_loss"])
+    if topk is None:
+        ref, got = reference.state_dict(), teacher.model.state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+        assert any(not torch.equal(got[k], before[k]) for k in before)
+        student = copy.deepcopy(dense)
+        out = distill(student, None, stream, seed=0, teacher=teacher)
+        assert out["teacher_correction"]["steps"] == 4 and out["steps"] == 2
+    else:
+        batch = teacher.batches[0]
+        with torch.no_grad():
+            values, _ = reference(input_ids=batch).logits.topk(topk, dim=-1)
+        assert torch.allclose(teacher.topk[0][0], values)
+
+
 def test_bad_distill_settings_are_one_line():
     for bad in (dict(mode="qlora"), dict(temperature=0.0), dict(ce_weight=-1.0), dict(teacher_topk=0),
-                dict(hidden_layers=[-1])):
+                dict(hidden_layers=[-1]), dict(teacher_correction_steps=-1)):
         with pytest.raises(PruneLabError) as err:
             Distill(**bad)
         assert "\n" not in str(err.value)

@@ -6,6 +6,11 @@ layers). The teacher is the dense model as loaded, taken by the recipe *before* 
 a frozen copy, or — with `teacher_topk=k` and no hidden term — only its top-k logits of every training
 batch, computed once on CPU memory before compression, so no second model is kept. With `teacher_topk` the
 KL is over the teacher's top-k tokens, both distributions renormalised on them (kd.kl_topk).
+
+`teacher_correction_steps=n` (Minitron's teacher correction): before it teaches, the teacher's copy is
+fine-tuned n CE-LoRA steps on the training split (the distill job's r/alpha/dropout/targets/batch, LoRA's
+lr, seed + 1), so a teacher trained on other text first adapts to the data the student is healed on;
+the pruned student still starts from the dense model as loaded.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class Teacher:
     model: nn.Module | None = None
     batches: list[torch.Tensor] | None = None         # the training batches the top-k belong to
     topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # per step: values, int32 indices (CPU)
+    correction: dict | None = None                    # teacher_correction_steps: its CE-LoRA run's record
 
 
 class Distill(Trainer):
@@ -43,7 +49,7 @@ class Distill(Trainer):
 
     def __init__(self, mode: str = "lora", temperature: float = 1.0, ce_weight: float = 0.0,
                  hidden_weight: float = 0.0, hidden_layers: list[int] | None = None, teacher_topk: int | None = None,
-                 r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None,
+                 teacher_correction_steps: int = 0, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None,
                  lr: float | None = None, **train):
         if mode not in MODES:
             raise PruneLabError(f"finetune.mode={mode}: finetune=distill trains by {' or '.join(MODES)}")
@@ -54,11 +60,16 @@ class Distill(Trainer):
         if not temperature > 0 or ce_weight < 0 or hidden_weight < 0 or (teacher_topk is not None and teacher_topk < 1):
             raise PruneLabError("finetune=distill needs temperature > 0, ce_weight >= 0, hidden_weight >= 0 "
                                 "and teacher_topk >= 1 (null: the whole vocabulary)")
+        if teacher_correction_steps < 0:
+            raise PruneLabError(f"finetune.teacher_correction_steps={teacher_correction_steps}: 0 (off) or more steps")
         if any(i < 0 for i in hidden_layers or ()):
             raise PruneLabError(f"finetune.hidden_layers {list(hidden_layers)}: dense layer indices are >= 0")
         self.mode, self.temperature, self.ce_weight, self.hidden_weight = mode, temperature, ce_weight, hidden_weight
         self.hidden_layers = None if hidden_layers is None else list(hidden_layers)
         self.teacher_topk = teacher_topk
+        self.correction = None if not teacher_correction_steps else LoRA(
+            r, alpha, dropout, target_modules, lr=MODES["lora"][1], **{**train, "max_steps": teacher_correction_steps,
+                                                                        "epochs": None})
         self._run = None
 
     def check_model(self, model: nn.Module) -> None:
@@ -80,22 +91,26 @@ class Distill(Trainer):
     def precomputes(self) -> bool:
         return self.teacher_topk is not None and not self.hidden_weight
 
-    @torch.no_grad()
     def teacher(self, model: nn.Module, stream: torch.Tensor, seed: int) -> Teacher:
         """Called on the dense model before compression: its frozen copy, or its top-k logits for exactly
-        the batches training will draw (the same seeded sampler)."""
-        num_layers = len(decoder_layers(model))
+        the batches training will draw (the same seeded sampler); corrected first with teacher_correction_steps."""
+        num_layers, correction = len(decoder_layers(model)), None
+        if self.correction is not None:
+            model = copy.deepcopy(model)              # the dense model the recipe prunes stays as loaded
+            correction = self.correction(model, None, stream, seed=seed + 1)
         if not self.precomputes:
-            return Teacher(num_layers, model=copy.deepcopy(model).eval().requires_grad_(False))
+            frozen = model if correction else copy.deepcopy(model)
+            return Teacher(num_layers, model=frozen.eval().requires_grad_(False), correction=correction)
         sampler, steps = self.sampler(stream, seed)
         training, batches, topk = model.training, [], []
         model.eval()
-        for _, batch in zip(range(steps), sampler):
-            values, indices = model(input_ids=batch.to(model.device)).logits.topk(self.teacher_topk, dim=-1)
-            batches.append(batch)
-            topk.append((values.float().cpu(), indices.to(torch.int32).cpu()))
+        with torch.no_grad():
+            for _, batch in zip(range(steps), sampler):
+                values, indices = model(input_ids=batch.to(model.device)).logits.topk(self.teacher_topk, dim=-1)
+                batches.append(batch)
+                topk.append((values.float().cpu(), indices.to(torch.int32).cpu()))
         model.train(training)
-        return Teacher(num_layers, batches=batches, topk=topk)
+        return Teacher(num_layers, batches=batches, topk=topk, correction=correction)
 
     @contextmanager
     def session(self, model: nn.Module, teacher: Teacher | None = None, removed_layers=()):
@@ -147,6 +162,10 @@ class Distill(Trainer):
         return loss, parts
 
     def __call__(self, model, tokenizer, stream, seed: int = 0, run_dir=None, **context) -> dict:
+        teacher = context.get("teacher")
         out = super().__call__(model, tokenizer, stream, seed, run_dir, **context)
+        if teacher is not None and teacher.correction is not None:
+            c = teacher.correction
+            out["teacher_correction"] = {k: c[k] for k in ("steps", "tokens", "first_loss", "final_loss", "time_s")}
         return {**out, "mode": self.mode, "temperature": self.temperature, "teacher_topk": self.teacher_topk,
                 "teacher_precomputed": self.precomputes, "hidden_layers_used": self.hidden_layers_used}

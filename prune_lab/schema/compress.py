@@ -116,6 +116,7 @@ class DistillConf(TrainConf):
     hidden_weight: float = 0.0
     hidden_layers: Optional[List[int]] = None    # dense layer indices; null: every layer the student kept
     teacher_topk: Optional[int] = None       # k: KL over the teacher's top-k (precomputed on CPU); null: all
+    teacher_correction_steps: int = 0        # n > 0: the teacher first takes n CE-LoRA steps on the split
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
