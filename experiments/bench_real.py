@@ -75,6 +75,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "25% default job + finetune=distill (40 x 4 x 256)": ["finetune=distill", *RECOVERY],
         "25% default job + finetune=distill ce_weight=1 (40 x 4 x 256)": ["finetune=distill", *RECOVERY,
                                                                           "finetune.ce_weight=1"],
+        "25% default job + finetune=distill, teacher corrected 40 steps (40 x 4 x 256)": [
+            "finetune=distill", *RECOVERY, "finetune.teacher_correction_steps=40"],
         "50% default job + finetune=lora (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=lora", *RECOVERY],
         "50% default job + finetune=distill (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=distill", *RECOVERY]},
     "unstructured / quantized": {
