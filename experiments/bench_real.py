@@ -156,7 +156,8 @@ def read_row(name: str, run_dir: Path, cmd: str, quick: bool, rc: int | None, wa
             "groups_removed": plan.get("groups_removed"), "channels_removed": plan.get("channels_removed"),
             "layers_removed": plan.get("layers_removed"),
             "params_total": (model.get("pruned") or {}).get("params_total"),
-            "sparsity": comp.get("sparsity"), "avg_bits": comp.get("avg_bits"), "size_ratio": comp.get("size_ratio"),
+            "sparsity": comp.get("sparsity"), "avg_bits": comp.get("avg_bits"),
+            "size_ratio": comp.get("size_ratio_vs_dense", comp.get("size_ratio")),   # vs the dense model
             "timings_s": m.get("timings_s"), "scores_reused": (m.get("scores") or {}).get("reused"),
             "versions": m.get("versions")}
     return row
