@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import text_job
+from conftest import compose_job, text_job, tiny_overrides
 from prune_lab import load_pruned
 from prune_lab.artifacts.compression import load_compression
 from prune_lab.core.adapter import layer_views, view_linears
@@ -51,6 +51,23 @@ def test_structured_pruning_then_gptq_in_one_job(tmp_path, quant):
                 groups = -(-lin.weight.shape[1] // 16) if quant[0] == "quant=uniform" else 1   # short last group
                 limit = 2 ** int(b[row]) * groups
                 assert len(torch.unique(lin.weight[row])) <= limit
+
+
+def test_one_job_equals_pruning_then_quantizing_the_saved_model(tmp_path):
+    """The combined job's GPTQ pass is method=sparsegpt method.sparsity=0's, on the pruned model's own path:
+    the same weights as a second job that quantizes the first job's saved pruned model."""
+    q = ["quant=uniform", "quant.bits=4", "quant.group_size=16", "quant.act_order=true"]
+    run(job(tmp_path, "allocator.ratio=0.25", *q, "output.save_model=true"), tmp_path / "both")
+    run(job(tmp_path, "allocator.ratio=0.25", "output.save_model=true"), tmp_path / "pruned")
+    shrink = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model")]
+    run(compose_job(*shrink, "model=pruned", f"model.path={tmp_path}/pruned/model", "model.device=cpu", "data=text",
+                    f"data.train={tmp_path}/train.txt", f"data.test={tmp_path}/test.txt", "output.plots=false",
+                    "method=sparsegpt", "method.sparsity=0", *q, "output.save_model=true"), tmp_path / "then")
+    one, two = load_pruned(tmp_path / "both" / "model"), load_pruned(tmp_path / "then" / "model")
+    ref = two.state_dict()
+    assert all(torch.allclose(v, ref[k], atol=1e-6) for k, v in one.state_dict().items())
+    assert metrics(tmp_path / "both")["pruned"]["ppl/data"] == pytest.approx(
+        metrics(tmp_path / "then")["pruned"]["ppl/data"], rel=1e-5)
 
 
 def test_quantized_structured_recovery_keeps_the_grid(tmp_path):

@@ -33,10 +33,12 @@ def compress(job: Job, method, quant, engine) -> dict:
 
 
 def quantize_pruned(job: Job, quant, engine, dense: dict):
-    """method=structured with a quant: GPTQ (SparseGPT's sweep at sparsity 0, symmetric: calibrated on the
-    pruned model's own path) over every linear of the pruned model, in one engine pass. metrics.json
-    `compression` adds the size against the dense model (`dense`: its model_stats; at the same dtype)."""
-    gptq = SparseGPT(sparsity=0.0, asymmetric=0.0, residual=False).with_quant(quant)
+    """method=structured with a quant: GPTQ over every linear of the pruned model in one engine pass — the
+    sweep method=sparsegpt method.sparsity=0 runs, with its defaults (GPTAQ-style asymmetric calibration
+    towards the unquantized pruned model's outputs), so one job equals pruning, saving, then quantizing the
+    saved model. metrics.json `compression` adds the size against the dense model (`dense`: its model_stats;
+    at the same dtype)."""
+    gptq = SparseGPT(sparsity=0.0).with_quant(quant)
     gptq.name = "gptq"
     summary = compress(job, gptq, quant, engine)
     width = next(job.model.parameters()).element_size()
