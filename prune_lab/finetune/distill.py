@@ -49,8 +49,8 @@ class Distill(Trainer):
 
     def __init__(self, mode: str = "lora", temperature: float = 1.0, ce_weight: float = 0.0,
                  hidden_weight: float = 0.0, hidden_layers: list[int] | None = None, teacher_topk: int | None = None,
-                 teacher_correction_steps: int = 0, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None,
-                 lr: float | None = None, **train):
+                 teacher_correction_steps: int = 0, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                 target_modules: list[str] | None = None, lr: float | None = None, **train):
         if mode not in MODES:
             raise PruneLabError(f"finetune.mode={mode}: finetune=distill trains by {' or '.join(MODES)}")
         cls, default_lr = MODES[mode]
@@ -94,13 +94,12 @@ class Distill(Trainer):
     def teacher(self, model: nn.Module, stream: torch.Tensor, seed: int) -> Teacher:
         """Called on the dense model before compression: its frozen copy, or its top-k logits for exactly
         the batches training will draw (the same seeded sampler); corrected first with teacher_correction_steps."""
-        num_layers, correction = len(decoder_layers(model)), None
-        if self.correction is not None:
+        num_layers = len(decoder_layers(model))
+        if self.correction is not None or not self.precomputes:
             model = copy.deepcopy(model)              # the dense model the recipe prunes stays as loaded
-            correction = self.correction(model, None, stream, seed=seed + 1)
+        correction = None if self.correction is None else self.correction(model, None, stream, seed=seed + 1)
         if not self.precomputes:
-            frozen = model if correction else copy.deepcopy(model)
-            return Teacher(num_layers, model=frozen.eval().requires_grad_(False), correction=correction)
+            return Teacher(num_layers, model=model.eval().requires_grad_(False), correction=correction)
         sampler, steps = self.sampler(stream, seed)
         training, batches, topk = model.training, [], []
         model.eval()
