@@ -101,20 +101,37 @@ def test_a_candidate_run_from_the_anchors_kept_layer_inputs_has_the_full_forward
     anchor = rng.integers(0, top + 1)
     fast = Fitness(model, db, batches, "kl")
     fast.anchor(anchor)
-    assert fast.layers_run == 4 * len(batches) and fast.evaluations == 0
-    for layer in (0, 2, 3):
+    assert fast.layers_run == 0 and fast.evaluations == 0            # its layer inputs: when first needed
+    for n, layer in enumerate((2, 3, 0)):
         child = anchor.copy()
         i = max(i for i, p in enumerate(parts) if p.layer == layer)     # the layer's MLP part
         child[i] = (child[i] + 1) % (top[i] + 1)
         run_before = fast.layers_run
         value = fast(child)
-        assert fast.layers_run - run_before == (4 - layer) * len(batches)
+        anchor_run = 4 * len(batches) if n == 0 else 0                  # the anchor's inputs, once
+        assert fast.layers_run - run_before == anchor_run + (4 - layer) * len(batches)
         slow = Fitness(model, db, batches, "kl")
         assert value == pytest.approx(slow(child), rel=1e-5, abs=1e-9)
+    assert fast(child, [1]) == pytest.approx(Fitness(model, db, batches, "kl")(child, [1]), rel=1e-5, abs=1e-9)
     run_before = fast.layers_run
     fast.anchor(child)                                   # inherited from its evaluation just now: nothing run
     assert fast.layers_run == run_before
     assert fast(anchor) == pytest.approx(Fitness(model, db, batches, "kl")(anchor), rel=1e-5, abs=1e-9)
+
+
+def test_the_anchor_itself_runs_only_its_last_layer_where_its_inputs_are_kept():
+    model = tiny_model("llama", layers=4, intermediate=32)
+    batches = [tokens(2, 16, seed=s) for s in range(3)]
+    _, parts, db = database(model, batches, mlp_step=0.25)
+    levels = np.array([p.top for p in parts])
+    f = Fitness(model, db, batches, "kl")
+    f.anchor(levels)
+    first = f(levels, [0, 1])                            # nothing kept: full forwards, then kept
+    assert f.layers_run == 4 * 2
+    again = f(levels, [0, 1, 2])                         # windows 0, 1 from the last layer; 2 in full
+    assert f.layers_run == 4 * 2 + 1 * 2 + 4
+    assert first == pytest.approx(Fitness(model, db, batches, "kl")(levels, [0, 1]), rel=1e-5, abs=1e-9)
+    assert again == pytest.approx(Fitness(model, db, batches, "kl")(levels), rel=1e-5, abs=1e-9)
 
 
 def test_the_error_seed_is_the_cheapest_shape_under_the_budget_for_convex_level_errors():
@@ -200,30 +217,75 @@ def test_search_bad_input_is_one_line_before_the_database(tmp_path, overrides, l
     assert m["status"] == "failed" and "score" not in m["timings_s"] and "search" not in m["timings_s"]
 
 
-def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
-    from prune_lab.allocator.search.evolution import evolve, stage_survivors
-    assert stage_survivors(16, 3) == [16, 4, 1] and stage_survivors(4, 2) == [4, 1]
-
+def _counting_fitness():
     class Counting:                 # fitness = distance to a target shape, counting calls per stage
         evaluations = tokens = 0
 
         def __init__(self):
             self.calls = []
 
-        def __call__(self, levels, n_batches=None):
-            self.calls.append(n_batches)
+        def __call__(self, levels, which=None):
+            self.calls.append(which if which is None or isinstance(which, int) else tuple(int(b) for b in which))
             self.evaluations += 1
             return float(np.abs(levels - 1).sum())
 
         def anchor(self, levels):
             self.calls.append("anchor")
+    return Counting()
+
+
+def _six_layer_budget():
     model = tiny_model("llama", layers=6, intermediate=96)      # enough distinct children per generation
     parts = ladder(layer_views(model), 0.0625, 1, np.ones(6, dtype=bool))
-    budget = Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
+    return parts, Budget(parts, int(0.2 * sum(v.num_params for v in layer_views(model))))
+
+
+def test_each_selection_stage_evaluates_a_quarter_of_the_one_before():
+    from prune_lab.allocator.search.evolution import evolve, stage_survivors
+    assert stage_survivors(16, 3) == [16, 4, 1] and stage_survivors(4, 2) == [4, 1]
+    parts, budget = _six_layer_budget()
     rng = np.random.default_rng(0)
-    f = Counting()
+    f = _counting_fitness()
     seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
     evolve(f, budget, [seed], [1, 4, 16], generations=2, offspring=16, rng=rng, trajectory=[])
     stages = [c for c in f.calls if c != "anchor"]
-    assert stages == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 1)
+    # fixed windows: the first n of each stage; the parent joins the last stage (elitist)
+    assert stages == [16] + 2 * ([1] * 16 + [4] * 4 + [16] * 2)
     assert f.calls[:2] == [16, "anchor"]            # the parent is the anchor before its children run
+
+
+def test_resampled_stages_draw_distinct_windows_from_the_pool_and_score_the_parent_beside_the_survivor():
+    from prune_lab.allocator.search.evolution import evolve
+    parts, budget = _six_layer_budget()
+    rng = np.random.default_rng(0)
+    f = _counting_fitness()
+    seed = budget.repair(np.zeros(len(parts), dtype=int), rng)
+    trajectory = []
+    evolve(f, budget, [seed], [1, 2, 4], generations=3, offspring=16, rng=rng, trajectory=trajectory,
+           mutations=3, pool=8)
+    stages = [c for c in f.calls[1:] if c != "anchor"]
+    assert len(stages) == 3 * (16 + 4 + 2)
+    sizes = [len(c) for c in stages]
+    assert sizes == 3 * ([1] * 16 + [2] * 4 + [4] * 2)
+    assert all(len(set(c)) == len(c) and all(0 <= b < 8 for b in c) for c in stages)
+    finals = [c for c in stages if len(c) == 4]
+    assert all(finals[2 * g] == finals[2 * g + 1] for g in range(3))     # parent and survivor: same windows
+    assert len(set(finals)) > 1                                          # drawn anew each generation
+    values = [v for _, _, v in trajectory]
+    assert all(b <= a for a, b in zip(values, values[1:]))              # a deterministic fitness never rises
+
+
+def test_a_child_raises_one_to_mutations_parts_and_stays_within_the_budget():
+    from prune_lab.allocator.search.evolution import mutate, n_flips
+    parts, budget = _six_layer_budget()
+    rng = np.random.default_rng(0)
+    draws = [n_flips(rng, 3) for _ in range(3000)]
+    share = np.bincount(draws, minlength=4)[1:] / len(draws)
+    assert share == pytest.approx([5 / 9, 3 / 9, 1 / 9], abs=0.03)   # min of two uniform draws in 1..3
+    assert set(n_flips(rng, 1) for _ in range(20)) == {1}
+    parent = budget.repair(np.zeros(len(parts), dtype=int), rng)
+    for flips in (1, 2, 3):
+        for _ in range(20):
+            child = mutate(parent, budget, rng, flips)
+            assert budget.feasible(child) and not np.array_equal(child, parent)
+            assert 1 <= (child > parent).sum() and (child - parent).max() <= flips

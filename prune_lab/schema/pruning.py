@@ -104,6 +104,8 @@ class SearchConf(AllocatorConf):
     mlp_step: float = 0.0625
     damp: float = 0.01
     seed: int = 0
+    mutations: int = 3                       # evolution: at most this many level switches per child
+    resample: bool = True                    # evolution: each stage's windows drawn anew from the calibration set
 
 
 @dataclass

@@ -40,14 +40,15 @@ class Search(Allocator):
     def __init__(self, ratio: float = 0.25, searcher: str = "evolution", fitness: str = "kl",
                  fitness_tokens: int = 8192, stages: int = 3, generations: int = 50, offspring: int = 16,
                  sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
-                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1):
+                 layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
+                 mutations: int = 3, resample: bool = True):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
                                      ("sampler", sampler, SAMPLERS)):
             if value not in allowed:
                 raise PruneLabError(f"allocator.{name} must be one of {', '.join(allowed)}, got '{value}'")
         for name, value in (("generations", generations), ("offspring", offspring), ("stages", stages),
-                            ("fitness_tokens", fitness_tokens)):
+                            ("fitness_tokens", fitness_tokens), ("mutations", mutations)):
             if not isinstance(value, int) or value < 1:
                 raise PruneLabError(f"allocator.{name} must be a whole number >= 1, got {value}")
         if not 0 < mlp_step <= 0.5:
@@ -58,6 +59,7 @@ class Search(Allocator):
         self.searcher, self.fitness_kind, self.fitness_tokens = searcher, fitness, fitness_tokens
         self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
         self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
+        self.mutations, self.resample = mutations, bool(resample)
         self.summary: dict = {}
 
     def check_calibration(self, n_tokens: int) -> None:
@@ -102,13 +104,15 @@ class Search(Allocator):
         seed_values = [fitness(s) for s in seeds]
         trajectory: list = []
         if self.searcher == "evolution":
-            best = evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory)
+            best = evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory,
+                          self.mutations, len(windows) if self.resample else None)
         else:
             best = optimise(fitness, budget, seeds, stage_batches[-1], self.generations * self.offspring,
                             self.sampler, self.seed, f"sqlite:///{Path(run_dir).resolve() / 'search.db'}",
                             rng, trajectory)
         plan = self._plan(db, best, target)
-        self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "evaluations": fitness.evaluations,
+        self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
+                        "resample": self.resample, "evaluations": fitness.evaluations,
                         "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
@@ -119,11 +123,12 @@ class Search(Allocator):
 
     def _fitness_batches(self, batches) -> tuple[list, list[int]]:
         """Windows of the calibration set regrouped so that every stage is a whole number of batches:
-        stage s uses fitness_tokens / 4^(stages-1-s) tokens."""
+        stage s uses fitness_tokens / 4^(stages-1-s) tokens. With `resample` all of the calibration set
+        (the evolution draws each stage's windows from it), else its first fitness_tokens."""
         import torch
         windows = torch.cat([b for b in batches])
         seq = windows.shape[1]
-        n = max(1, self.fitness_tokens // seq)
+        n = len(windows) if self.resample else max(1, self.fitness_tokens // seq)
         per = max(1, (self.fitness_tokens // 4 ** (self.stages - 1)) // seq)
         chunks = list(windows[:n].split(per))
         stages = [max(1, min(len(chunks), math.ceil(self.fitness_tokens / 4 ** (self.stages - 1 - s) / (per * seq))))

@@ -20,14 +20,17 @@ class Budget:
     def feasible(self, levels: np.ndarray) -> bool:
         return -self.slack <= self.params(levels) - self.target <= 0
 
-    def repair(self, levels: np.ndarray, rng: np.random.Generator, keep: int | None = None) -> np.ndarray:
-        """Random single-level moves (never undoing part `keep`) until the budget holds; in place."""
+    def repair(self, levels: np.ndarray, rng: np.random.Generator, keep=None) -> np.ndarray:
+        """Random single-level moves (never undoing the parts in `keep`: an index or a list of them)
+        until the budget holds; in place."""
+        keep = np.atleast_1d(np.asarray([] if keep is None else keep, dtype=int))
         for _ in range(100 * len(levels)):
             over = self.params(levels) - self.target
             if -self.slack <= over <= 0:
                 return levels
             movable = np.flatnonzero(levels > 0) if over > 0 else np.flatnonzero(levels < self.top)
-            movable = movable[movable != keep] if keep is not None and len(movable) > 1 else movable
+            free = movable[~np.isin(movable, keep)]
+            movable = free if len(free) else movable
             i = rng.choice(movable)
             levels[i] += -1 if over > 0 else 1
         return levels

@@ -1,9 +1,12 @@
 """allocator.searcher=evolution: EvoPress's algorithm (Sieberling et al., ICML'25) over the level database.
 
 One parent (the better of the seeds), each generation `offspring` children by level-switch mutations
-(one part one level up, others down until the parameter budget holds again: budget moves between
-parts), then selection in stages on growing token counts (all children on the first stage's windows,
-the best quarter on the next, ...; the survivor of the last stage replaces the parent if fitter).
+(1..`mutations` parts one level up, biased to few (the smaller of two uniform draws), others down until
+the parameter budget holds again: budget moves between parts), then selection in stages on growing
+token counts (all children on the first stage's windows, the best quarter on the next, ...); the parent
+joins the last stage (elitist) and its winner is the next parent. With `pool` (resampling), every stage
+of every generation draws its windows at random from the pool's, so the search does not fit a fixed
+handful of windows; without it each stage uses the first windows, the same every generation.
 """
 from __future__ import annotations
 
@@ -12,13 +15,22 @@ import numpy as np
 from .budget import Budget
 
 
-def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator) -> np.ndarray:
+def n_flips(rng: np.random.Generator, mutations: int) -> int:
+    return int(min(rng.integers(1, mutations + 1), rng.integers(1, mutations + 1)))
+
+
+def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator, flips: int = 1) -> np.ndarray:
     child = levels.copy()
-    up = np.flatnonzero(child < budget.top)
-    if len(up):
+    raised = []
+    for _ in range(flips):
+        up = np.flatnonzero(child < budget.top)
+        if not len(up):
+            break
         a = rng.choice(up)
         child[a] += 1
-        budget.repair(child, rng, keep=a)
+        raised.append(a)
+    if raised:
+        budget.repair(child, rng, keep=raised)
     return child
 
 
@@ -30,30 +42,38 @@ def stage_survivors(offspring: int, stages: int) -> list[int]:
 
 
 def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list[int], generations: int,
-           offspring: int, rng: np.random.Generator, trajectory: list) -> np.ndarray:
-    """The fittest levels found; `trajectory` gets (evaluations, tokens, fitness of the parent)."""
+           offspring: int, rng: np.random.Generator, trajectory: list, mutations: int = 1,
+           pool: int | None = None) -> np.ndarray:
+    """The fittest levels found; `trajectory` gets (evaluations, tokens, fitness of the parent on the
+    generation's last-stage windows). `pool`: the number of windows to draw each stage's from (None:
+    the first windows)."""
     final = stage_batches[-1]
     scored = [(fitness(s, final), i) for i, s in enumerate(seeds)]
     best_value, best = min(scored)
     parent, parent_value = seeds[best], best_value
-    fitness.anchor(parent)                       # children run from the first layer they change
+    fitness.anchor(parent)                       # children run from the first layer it changes
     trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     sizes = stage_survivors(offspring, len(stage_batches))
     for _generation in range(generations):
         children, seen = [], {parent.tobytes()}
         for _attempt in range(10 * offspring):                # distinct children, different from the parent
-            child = mutate(parent, budget, rng)
+            child = mutate(parent, budget, rng, n_flips(rng, mutations) if mutations > 1 else 1)
             if child.tobytes() not in seen:
                 seen.add(child.tobytes())
                 children.append(child)
             if len(children) == offspring:
                 break
         for stage, n_batches in enumerate(stage_batches):       # evaluate sizes[s], keep sizes[s + 1]
-            values = [fitness(c, n_batches) for c in children[:sizes[stage]]]
-            order = np.argsort(values, kind="stable")[:sizes[stage + 1] if stage + 1 < len(sizes) else 1]
+            windows = n_batches if pool is None else np.sort(rng.choice(pool, size=n_batches, replace=False))
+            last = stage + 1 == len(stage_batches)
+            if last:                                             # elitist: the parent on the same windows
+                children = [parent, *children[:sizes[stage]]]
+            values = [fitness(c, windows) for c in children[:len(children) if last else sizes[stage]]]
+            order = np.argsort(values, kind="stable")[:1 if last else sizes[stage + 1]]
             children, values = [children[i] for i in order], [values[i] for i in order]
-        if children and values[0] < parent_value:
-            parent, parent_value = children[0], values[0]
+        changed = not np.array_equal(children[0], parent)
+        parent, parent_value = children[0], values[0]
+        if changed:
             fitness.anchor(parent)
         trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     return parent

@@ -6,8 +6,8 @@ What is not recomputed per candidate:
 - the dense model's log-probabilities (kept once, fp32, while they fit in `dense_cache_bytes`; else its
   final hidden states are kept and the head re-applied);
 - the layers before the first one where the candidate differs from the *anchor* (the evolution's
-  parent): `anchor(levels)` keeps the anchor's input to every decoder layer, and a candidate runs from
-  the first layer it changes, the earlier layers standing in with the kept inputs (prefix.py). The
+  parent): the anchor's input to every decoder layer is kept per window (computed once, when first
+  needed), and a candidate runs from the first layer it changes, the earlier layers standing in with the kept inputs (prefix.py). The
   values are those of a full forward (the same layers on the same inputs).
 """
 from __future__ import annotations
@@ -71,37 +71,51 @@ class Fitness:
 
     @torch.no_grad()
     def anchor(self, levels: np.ndarray) -> None:
-        """Make `levels` the anchor, its input to every layer kept for every batch: inherited from its
+        """Make `levels` the anchor. Its input to every layer is kept per window: inherited from its
         evaluation if it was the last candidate evaluated (the evolution anchors the survivor it has just
-        evaluated on every batch), else computed here (counted in `tokens`, not in `evaluations`)."""
+        evaluated), else computed when a candidate first needs it (counted in `tokens`, not in
+        `evaluations`)."""
         levels = np.asarray(levels).copy()
         if self.anchor_levels is not None and np.array_equal(levels, self.anchor_levels):
             return
         recent_levels, recent = self.recent
-        kept = dict(recent) if recent_levels is not None and np.array_equal(levels, recent_levels) else {}
-        missing = [b for b in range(len(self.batches)) if b not in kept]
-        with self.assembled(levels):
+        same = recent_levels is not None and np.array_equal(levels, recent_levels)
+        self.anchor_levels, self.anchor_inputs = levels, dict(recent) if same else {}
+
+    def _anchor_inputs(self, windows: list[int]) -> None:
+        missing = [b for b in windows if b not in self.anchor_inputs]
+        if not missing:
+            return
+        with self.assembled(self.anchor_levels):
             for b in missing:
-                kept[b] = self.prefix.run(self.batches[b], 0, None)[1]
+                self.anchor_inputs[b] = self.prefix.run(self.batches[b], 0, None)[1]
                 self.layers_run += self.prefix.n_layers
                 self.tokens += self.batches[b].numel()
-        self.anchor_levels, self.anchor_inputs = levels, kept
+
+    def windows(self, which=None) -> list[int]:
+        """Window indices: None = all, n = the first n, else the given indices."""
+        if which is None:
+            return list(range(len(self.batches)))
+        return list(range(which)) if isinstance(which, (int, np.integer)) else [int(b) for b in which]
 
     @torch.no_grad()
-    def __call__(self, levels: np.ndarray, n_batches: int | None = None) -> float:
-        """Mean per-token KL(dense || candidate) (or NLL) over the first n_batches windows."""
-        n = len(self.batches) if n_batches is None else n_batches
-        key = (np.asarray(levels, dtype=np.int64).tobytes(), n)
+    def __call__(self, levels: np.ndarray, which=None) -> float:
+        """Mean per-token KL(dense || candidate) (or NLL) over the windows `which` (see `windows`)."""
+        windows = self.windows(which)
+        key = (np.asarray(levels, dtype=np.int64).tobytes(), tuple(windows))
         if key in self.memo:
             return self.memo[key]
         total = count = 0.0
         head = self.model.get_output_embeddings()
         start = self.first_change(levels)
+        is_anchor = self.anchor_levels is not None and np.array_equal(levels, self.anchor_levels)
+        if start > 0 and not is_anchor:
+            self._anchor_inputs(windows)
         recent: dict[int, list] = {}
         with self.assembled(levels):
-            for b in range(n):
+            for b in windows:
                 batch = self.batches[b]
-                kept = self.anchor_inputs.get(b)
+                kept = self.anchor_inputs.get(b) if start > 0 else None
                 begin = start if kept is not None else 0
                 hidden, recent[b] = self.prefix.run(batch, begin, kept)
                 self.layers_run += self.prefix.n_layers - begin
@@ -114,8 +128,10 @@ class Fitness:
                     total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
                                                    reduction="sum"))
                     count += batch[:, 1:].numel()
+        if is_anchor:
+            self.anchor_inputs.update(recent)
         self.recent = (np.asarray(levels).copy(), recent)
         self.evaluations += 1
-        self.tokens += sum(self.batches[b].numel() for b in range(n))
+        self.tokens += sum(self.batches[b].numel() for b in windows)
         self.memo[key] = total / count
         return self.memo[key]
