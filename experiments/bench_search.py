@@ -23,9 +23,13 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "global 25% (default job)": ["allocator.ratio=0.25"],
     "importance=obs 25%": ["importance=obs", "allocator.ratio=0.25"],
     "search evolution 25%": ["allocator=search", "allocator.ratio=0.25"],
+    "search evolution 25%, mutations=1 resample=false": ["allocator=search", "allocator.ratio=0.25",
+                                                         "allocator.mutations=1", "allocator.resample=false"],
     "global 50%": ["allocator.ratio=0.5"],
     "importance=obs 50%": ["importance=obs", "allocator.ratio=0.5"],
     "search evolution 50%": ["allocator=search", "allocator.ratio=0.5"],
+    "search evolution 50%, mutations=1 resample=false": ["allocator=search", "allocator.ratio=0.5",
+                                                         "allocator.mutations=1", "allocator.resample=false"],
     "search optuna (CMA-ES) 50%": ["allocator=search", "allocator.ratio=0.5", "allocator.searcher=optuna"],
     "search evolution 50%, ppl fitness": ["allocator=search", "allocator.ratio=0.5", "allocator.fitness=ppl"],
     "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
@@ -44,7 +48,7 @@ def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
            "timings_s": m["timings_s"], "error": m.get("error") or (proc.stderr[-500:] if proc.returncode else None)}
     if "search" in m:
         s = m["search"]
-        row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "evaluations", "tokens_evaluated", "decoder_layers_run",
+        row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "mutations", "resample", "evaluations", "tokens_evaluated", "decoder_layers_run",
                                            "database_seconds", "search_seconds", "database_bytes", "seed_fitness",
                                            "best_fitness", "levels", "global_levels")}
     return row
@@ -84,7 +88,8 @@ def main() -> None:
         for name, overrides in ROWS.items():
             if (a.only and name not in a.only.split(",")) or (name in rows and rows[name]["status"] == "ok"):
                 continue
-            rows[name] = run_row(a.model, name, overrides, Path(a.work) / a.model)
+            row = run_row(a.model, name, overrides, Path(a.work) / a.model)
+            rows = (json.loads(out.read_text()) if out.exists() else {}) | {name: row}   # another run may have written
             out.write_text(json.dumps(rows, indent=1))
             print(name, rows[name]["ppl"], rows[name]["wall_s"], flush=True)
     (RESULTS / f"search_{a.model}.md").write_text(render(a.model, rows))
