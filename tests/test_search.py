@@ -191,11 +191,31 @@ def test_search_end_to_end_is_deterministic_and_meets_the_budget(tmp_path, searc
         assert len(study.trials) == 3 * 4
 
 
+def test_the_database_on_disk_holds_the_same_levels_and_is_gone_after_the_search(tmp_path):
+    model = tiny_model("llama", intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    _, parts, mem = database(model, batches)
+    disk = Database(parts, store=tmp_path)
+    Engine("cpu", progress=False).walk(model, batches, LevelBuilder(disk, 0.01), propagate="dense")
+    assert len(list(tmp_path.glob("part*.safetensors"))) == len(parts) and disk.nbytes == mem.nbytes
+    for ws, wd in zip(mem.weights, disk.weights):
+        assert len(ws) == len(wd) and all(torch.equal(a, wd[i]) for i, a in enumerate(ws))
+    extra = [*SMALL, "cache.enabled=false"]
+    run(text_job(tmp_path, *extra), tmp_path / "memory")
+    run(text_job(tmp_path, *extra, "allocator.database=disk"), tmp_path / "disk")
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("memory", "disk"))
+    assert b["search"]["database"] == "disk" and a["search"]["levels"] == b["search"]["levels"]
+    assert (tmp_path / "memory" / "plan.csv").read_text() == (tmp_path / "disk" / "plan.csv").read_text()
+    assert a["pruned"] == b["pruned"] and not (tmp_path / "disk" / "search_levels").exists()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"generations": 0}, "allocator.generations must be a whole number >= 1"),
     ({"mlp_step": 0.7}, r"allocator.mlp_step must be in \(0, 0.5\]"),
     ({"searcher": "annealing"}, "allocator.searcher must be one of evolution, optuna"),
     ({"fitness": "bleu"}, "allocator.fitness must be one of kl, ppl"),
+    ({"database": "ram"}, "allocator.database must be one of memory, disk"),
+    ({"mutations": 0}, "allocator.mutations must be a whole number >= 1"),
 ])
 def test_bad_search_settings_fail_when_the_allocator_is_built(kwargs, match):
     with pytest.raises(PruneLabError, match=match):

@@ -106,6 +106,7 @@ class SearchConf(AllocatorConf):
     seed: int = 0
     mutations: int = 3                       # evolution: at most this many level switches per child
     resample: bool = True                    # evolution: each stage's windows drawn anew from the calibration set
+    database: str = "memory"                 # memory (CPU) | disk (<run dir>/search_levels/ while it runs)
 
 
 @dataclass

@@ -14,6 +14,7 @@ reconstruct=obs refits each layer on its already-pruned predecessors (Týr's err
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .optuna_search import SAMPLERS, optimise
 from .seeds import error_seed
 
 SEARCHERS = ("evolution", "optuna")
+DATABASES = ("memory", "disk")         # the levels' weights on CPU, or in <run dir>/search_levels/ while it runs
 SEEDS = ("global", "uniform", "error", "relative_error")   # starting points, in the order evaluated
 
 
@@ -41,10 +43,10 @@ class Search(Allocator):
                  fitness_tokens: int = 8192, stages: int = 3, generations: int = 50, offspring: int = 16,
                  sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
-                 mutations: int = 3, resample: bool = True):
+                 mutations: int = 3, resample: bool = True, database: str = "memory"):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
-                                     ("sampler", sampler, SAMPLERS)):
+                                     ("sampler", sampler, SAMPLERS), ("database", database, DATABASES)):
             if value not in allowed:
                 raise PruneLabError(f"allocator.{name} must be one of {', '.join(allowed)}, got '{value}'")
         for name, value in (("generations", generations), ("offspring", offspring), ("stages", stages),
@@ -59,7 +61,7 @@ class Search(Allocator):
         self.searcher, self.fitness_kind, self.fitness_tokens = searcher, fitness, fitness_tokens
         self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
         self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
-        self.mutations, self.resample = mutations, bool(resample)
+        self.mutations, self.resample, self.database = mutations, bool(resample), database
         self.summary: dict = {}
 
     def check_calibration(self, n_tokens: int) -> None:
@@ -87,11 +89,20 @@ class Search(Allocator):
 
     def search(self, model, batches, engine, scores, views, run_dir: Path) -> PruningPlan:
         self.check_inputs(views, scores)
-        target = self.target(views)
         budget = self._budget(views)
         parts = budget.parts
         t0 = time.time()
-        db = Database(parts)
+        store = Path(run_dir) / "search_levels" if self.database == "disk" else None
+        if store is not None:
+            store.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._search(model, batches, engine, scores, views, run_dir, budget, Database(parts, store=store), t0)
+        finally:
+            if store is not None:
+                shutil.rmtree(store, ignore_errors=True)
+
+    def _search(self, model, batches, engine, scores, views, run_dir, budget, db, t0) -> PruningPlan:
+        target, parts = budget.target, budget.parts
         engine.walk(model, batches, LevelBuilder(db, self.damp), propagate="dense")
         t1 = time.time()
         windows, stage_batches = self._fitness_batches(batches)
@@ -116,6 +127,7 @@ class Search(Allocator):
                         "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
+                        "database": self.database,
                         "seed_fitness": dict(zip(SEEDS, seed_values)),
                         "best_fitness": float(fitness(best)), "trajectory": trajectory,
                         "levels": self._by_layer(parts, best), "global_levels": self._by_layer(parts, seeds[0])}

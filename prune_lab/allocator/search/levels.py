@@ -1,12 +1,15 @@
 """The level database of allocator=search: per decoder layer and part (attention, MLP) a ladder of
 pruning levels, each with its units chosen and its consumer projection refit exactly as
 reconstruct=obs does (greedy structured OBS order, then least squares on the kept columns), from one
-engine pass on the dense path. Weights are kept on CPU; a candidate is assembled by swapping them in.
+engine pass on the dense path. Weights are kept on CPU, or (`Database.store`, allocator.database=disk)
+one safetensors file per part, read when a candidate swaps them in; a candidate is assembled by
+swapping them in.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +58,24 @@ def removed_params(parts: list[Part], levels: np.ndarray) -> int:
     return int(sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, levels)))
 
 
+class OnDisk:
+    """One part's level weights in a safetensors file (level i under the name "i"), read per access."""
+
+    def __init__(self, path: Path, levels: list[torch.Tensor]):
+        from safetensors.torch import save_file
+        save_file({str(i): w.contiguous() for i, w in enumerate(levels)}, str(path))
+        self.path, self.n = path, len(levels)
+        self.nbytes = sum(w.numel() * w.element_size() for w in levels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, level: int) -> torch.Tensor:
+        from safetensors import safe_open
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(str(int(level)))
+
+
 @dataclass
 class Database:
     """Per part: the greedy removal order of its units, the refit weight of every level and its output
@@ -65,10 +86,12 @@ class Database:
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     errors: list[list[float]] = field(default_factory=list)
     energy: list[float] = field(default_factory=list)
+    store: Path | None = None     # a folder: the levels on disk, one file per part
 
     @property
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for ws in self.weights for w in ws)
+        return sum(ws.nbytes if isinstance(ws, OnDisk) else sum(w.numel() * w.element_size() for w in ws)
+                   for ws in self.weights)
 
 
 class LevelBuilder(LayerMethod):
@@ -111,5 +134,7 @@ class LevelBuilder(LayerMethod):
                 levels.append(new.cpu())
                 d = w - new.double()
                 errors.append(float((d @ g * d).sum()) / energy if energy > 0 else 0.0)
+            if self.db.store is not None:
+                levels = OnDisk(self.db.store / f"part{i}.safetensors", levels)
             self.db.weights[i], self.db.errors[i], self.db.energy[i] = levels, errors, energy
         return {}
