@@ -48,7 +48,7 @@ def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
            "timings_s": m["timings_s"], "error": m.get("error") or (proc.stderr[-500:] if proc.returncode else None)}
     if "search" in m:
         s = m["search"]
-        row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "mutations", "resample", "evaluations", "tokens_evaluated", "decoder_layers_run",
+        row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "mutations", "resample", "trajectory", "evaluations", "tokens_evaluated", "decoder_layers_run",
                                            "database_seconds", "search_seconds", "database_bytes", "seed_fitness",
                                            "best_fitness", "levels", "global_levels")}
     return row
