@@ -3,7 +3,7 @@ allocators, search cost (fitness evaluations x tokens, wall time of the database
 job's obs reconstruct pass), evolution vs Optuna CMA-ES at an equal number of fitness evaluations, and
 KL vs perplexity-on-calibration fitness. Not a test: each row is one CLI job (minutes on 2 cores).
 
-    OMP_NUM_THREADS=2 python experiments/bench_search.py [--model smollm2_135m] [--only NAME,...] [--render]
+    OMP_NUM_THREADS=2 python experiments/bench_search.py [--model smollm2_135m] [--only "NAME|NAME"] [--render]
 
 Writes experiments/results/search_<model>.json (resumable: finished rows are kept) and search.md.
 """
@@ -25,19 +25,27 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "search evolution 25%": ["allocator=search", "allocator.ratio=0.25"],
     "search evolution 25%, mutations=1 resample=false": ["allocator=search", "allocator.ratio=0.25",
                                                          "allocator.mutations=1", "allocator.resample=false"],
+    # SmolLM2 (--model smollm2_135m; 12x lab-llama's cost per token): a quarter of the tokens per stage,
+    # 20 generations, the first 64 test windows
+    "search evolution 25%, 2048 fitness tokens, 20 generations": [
+        "allocator=search", "allocator.ratio=0.25", "allocator.fitness_tokens=2048", "allocator.generations=20",
+        "eval.ppl.max_windows=64"],
     "global 50%": ["allocator.ratio=0.5"],
     "importance=obs 50%": ["importance=obs", "allocator.ratio=0.5"],
     "search evolution 50%": ["allocator=search", "allocator.ratio=0.5"],
     "search evolution 50%, mutations=1 resample=false": ["allocator=search", "allocator.ratio=0.5",
                                                          "allocator.mutations=1", "allocator.resample=false"],
     "search optuna (CMA-ES) 50%": ["allocator=search", "allocator.ratio=0.5", "allocator.searcher=optuna"],
+    # 224 trials x 8192 tokens = 1.84M tokens: the evolution's 50% row evaluates 1.78M (1108 evaluations)
+    "search optuna (CMA-ES) 50%, 224 trials": ["allocator=search", "allocator.ratio=0.5",
+                                                          "allocator.searcher=optuna", "allocator.generations=14"],
     "search evolution 50%, ppl fitness": ["allocator=search", "allocator.ratio=0.5", "allocator.fitness=ppl"],
     "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
 }
 
 
 def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
-    run_dir = work / name.replace(" ", "_").replace("%", "").replace(",", "").replace("=", "-").replace("(", "").replace(")", "")
+    run_dir = work / name.replace(" ", "_").replace("%", "").replace(",", "").replace("=", "-").replace("(", "").replace(")", "").replace("'", "")
     args = [f"model={model}", *overrides, "output.plots=false", f"hydra.run.dir={run_dir}"]
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "prune_lab", *args], cwd=REPO, capture_output=True, text=True,
@@ -86,7 +94,7 @@ def main() -> None:
     rows = json.loads(out.read_text()) if out.exists() else {}
     if not a.render:
         for name, overrides in ROWS.items():
-            if (a.only and name not in a.only.split(",")) or (name in rows and rows[name]["status"] == "ok"):
+            if (a.only and name not in a.only.split("|")) or (name in rows and rows[name]["status"] == "ok"):
                 continue
             row = run_row(a.model, name, overrides, Path(a.work) / a.model)
             rows = (json.loads(out.read_text()) if out.exists() else {}) | {name: row}   # another run may have written
