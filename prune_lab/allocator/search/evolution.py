@@ -16,7 +16,8 @@ from .budget import Budget
 
 
 def n_flips(rng: np.random.Generator, mutations: int) -> int:
-    return int(min(rng.integers(1, mutations + 1), rng.integers(1, mutations + 1)))
+    """1..mutations, the smaller of two uniform draws (1 without drawing: the single-switch search)."""
+    return 1 if mutations == 1 else int(min(rng.integers(1, mutations + 1), rng.integers(1, mutations + 1)))
 
 
 def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator, flips: int = 1) -> np.ndarray:
@@ -51,13 +52,13 @@ def evolve(fitness, budget: Budget, seeds: list[np.ndarray], stage_batches: list
     scored = [(fitness(s, final), i) for i, s in enumerate(seeds)]
     best_value, best = min(scored)
     parent, parent_value = seeds[best], best_value
-    fitness.anchor(parent)                       # children run from the first layer it changes
+    fitness.anchor(parent)                       # children run from the first layer they change
     trajectory.append((fitness.evaluations, fitness.tokens, parent_value))
     sizes = stage_survivors(offspring, len(stage_batches))
     for _generation in range(generations):
         children, seen = [], {parent.tobytes()}
         for _attempt in range(10 * offspring):                # distinct children, different from the parent
-            child = mutate(parent, budget, rng, n_flips(rng, mutations) if mutations > 1 else 1)
+            child = mutate(parent, budget, rng, n_flips(rng, mutations))
             if child.tobytes() not in seen:
                 seen.add(child.tobytes())
                 children.append(child)

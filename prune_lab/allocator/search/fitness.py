@@ -7,8 +7,9 @@ What is not recomputed per candidate:
   final hidden states are kept and the head re-applied);
 - the layers before the first one where the candidate differs from the *anchor* (the evolution's
   parent): the anchor's input to every decoder layer is kept per window (computed once, when first
-  needed), and a candidate runs from the first layer it changes, the earlier layers standing in with the kept inputs (prefix.py). The
-  values are those of a full forward (the same layers on the same inputs).
+  needed), and a candidate runs from the first layer it changes, the earlier layers standing in with
+  the kept inputs (prefix.py). The values are those of a full forward (the same layers on the same
+  inputs).
 """
 from __future__ import annotations
 
