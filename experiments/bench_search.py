@@ -67,7 +67,7 @@ def render(model: str, rows: dict) -> str:
              "| job | PPL | ratio | fitness evals | tokens evaluated | database s | search s | reconstruct s | job s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        s, t = r.get("search", {}), r["timings_s"]
+        s, t = r.get("search", {}), r.get("timings_s", {})
         ppl = f"{r['ppl']:.2f}" if r.get("ppl") else r["status"]
         lines.append(f"| {name} | {ppl} | {r.get('achieved_ratio') or 0:.4f} | {s.get('evaluations', '')} | "
                      f"{s.get('tokens_evaluated', '')} | {s.get('database_seconds', '')} | {s.get('search_seconds', '')} | "
