@@ -2,8 +2,7 @@
 pruning levels, each with its units chosen and its consumer projection refit exactly as
 reconstruct=obs does (greedy structured OBS order, then least squares on the kept columns), from one
 engine pass on the dense path. Weights are kept on CPU, or (`Database.store`, allocator.database=disk)
-one safetensors file per part, read when a candidate swaps them in; a candidate is assembled by
-swapping them in.
+in one safetensors file per part; a candidate is assembled by swapping them in (read from the file).
 """
 from __future__ import annotations
 
@@ -58,6 +57,10 @@ def removed_params(parts: list[Part], levels: np.ndarray) -> int:
     return int(sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, levels)))
 
 
+def _nbytes(levels) -> int:
+    return sum(w.numel() * w.element_size() for w in levels)
+
+
 class OnDisk:
     """One part's level weights in a safetensors file (level i under the name "i"), read per access."""
 
@@ -65,7 +68,7 @@ class OnDisk:
         from safetensors.torch import save_file
         save_file({str(i): w.contiguous() for i, w in enumerate(levels)}, str(path))
         self.path, self.n = path, len(levels)
-        self.nbytes = sum(w.numel() * w.element_size() for w in levels)
+        self.nbytes = _nbytes(levels)
 
     def __len__(self) -> int:
         return self.n
@@ -90,8 +93,7 @@ class Database:
 
     @property
     def nbytes(self) -> int:
-        return sum(ws.nbytes if isinstance(ws, OnDisk) else sum(w.numel() * w.element_size() for w in ws)
-                   for ws in self.weights)
+        return sum(ws.nbytes if isinstance(ws, OnDisk) else _nbytes(ws) for ws in self.weights)
 
 
 class LevelBuilder(LayerMethod):
