@@ -40,6 +40,9 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "search optuna (CMA-ES) 50%, 224 trials": ["allocator=search", "allocator.ratio=0.5",
                                                           "allocator.searcher=optuna", "allocator.generations=14"],
     "search evolution 50%, ppl fitness": ["allocator=search", "allocator.ratio=0.5", "allocator.fitness=ppl"],
+    # a second round on the database refit along the first round's best shape (Týr's error accumulation)
+    "search evolution 50%, rounds=2": ["allocator=search", "allocator.ratio=0.5", "allocator.rounds=2"],
+    "search evolution 25%, rounds=2": ["allocator=search", "allocator.ratio=0.25", "allocator.rounds=2"],
     "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
 }
 
@@ -57,7 +60,7 @@ def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
     if "search" in m:
         s = m["search"]
         row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "mutations", "resample", "trajectory", "evaluations", "tokens_evaluated", "decoder_layers_run",
-                                           "database_seconds", "search_seconds", "database_bytes", "seed_fitness",
+                                           "database_seconds", "search_seconds", "database_bytes", "rounds", "seed_fitness",
                                            "best_fitness", "levels", "global_levels")}
     return row
 

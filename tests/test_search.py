@@ -209,6 +209,56 @@ def test_the_database_on_disk_holds_the_same_levels_and_is_gone_after_the_search
     assert a["pruned"] == b["pruned"] and not (tmp_path / "disk" / "search_levels").exists()
 
 
+def test_the_pruned_path_database_at_its_own_levels_is_the_final_least_squares_reconstruct(arch):
+    """Round 2's levels are refit on the inputs the shape `at` gives each layer, so at `at` they are
+    the weights reconstruct=lstsq (two streams, residual drift) gives the same units, layer by layer."""
+    import copy
+
+    from prune_lab.reconstruct import Reconstruct
+    torch.manual_seed(0)
+    model = tiny_model(arch, intermediate=32)
+    batches = [tokens(2, 64, seed=s) for s in range(3)]
+    views, parts, db = database(model, batches)
+    at = np.array([p.top if i % 3 else min(1, p.top) for i, p in enumerate(parts)])
+    at[0] = 0                                   # a part left dense: its weights must stay as they were
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = Database(parts)
+    Engine("cpu", progress=False).walk(model, batches, LevelBuilder(pruned, 0.01, at=at))
+    search = Search(ratio=0.1, mlp_step=0.125)
+    plan = search._plan(pruned, at, sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, at)))
+    Reconstruct("lstsq", damp=0.01, residual=True)(reference, plan, batches, Engine("cpu", progress=False))
+    ref_views = layer_views(reference)
+    for i, (p, lv) in enumerate(zip(parts, at)):
+        lin = ref_views[p.layer].attn.o if p.kind == "attn" else ref_views[p.layer].mlp.down
+        assert torch.allclose(pruned.weights[i][lv], lin.weight, rtol=1e-4, atol=1e-5), (i, p.kind, lv)
+        assert len(pruned.weights[i]) == p.top + 1 and pruned.order[i][:p.removed(lv)] == \
+            sorted(pruned.order[i][:p.removed(lv)], key=pruned.order[i].index)
+    dense_path_differs = any(not torch.allclose(pruned.weights[i][lv], db.weights[i][lv], atol=1e-5)
+                             for i, lv in enumerate(at) if lv and parts[i].layer > 0)
+    assert dense_path_differs           # a later layer's levels see its pruned predecessors' inputs
+    lins = Fitness.linears_of(model, parts)
+    for i, lin in enumerate(lins):      # the walk left the model at `at` ...
+        assert torch.equal(lin.weight, pruned.weights[i][at[i]])
+    assert torch.equal(model.state_dict()[next(k for k in before if "q_proj" in k)],
+                       before[next(k for k in before if "q_proj" in k)])
+
+
+def test_a_second_round_searches_from_the_first_ones_best_on_its_pruned_path_database(tmp_path):
+    extra = [*SMALL, "cache.enabled=false", "allocator.database=disk"]
+    run(text_job(tmp_path, *extra, "allocator.rounds=2"), tmp_path / "two")
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    s = m["search"]
+    assert m["status"] == "ok" and [set(r) for r in s["rounds"]] == \
+        [{"database_seconds", "best_fitness"}, {"database_seconds", "carried_fitness", "best_fitness"}]
+    first, second = s["rounds"]
+    assert second["best_fitness"] <= second["carried_fitness"] + 1e-12    # round 2 starts from round 1's best
+    assert s["best_fitness"] == second["best_fitness"] and len(s["trajectory"]) == 2 * (3 + 1)
+    assert not (tmp_path / "two" / "search_levels").exists()
+    channel = 3 * 64
+    assert abs(m["plan"]["params_removed"] - m["plan"]["target_params"]) <= channel / 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"generations": 0}, "allocator.generations must be a whole number >= 1"),
     ({"mlp_step": 0.7}, r"allocator.mlp_step must be in \(0, 0.5\]"),
@@ -216,6 +266,7 @@ def test_the_database_on_disk_holds_the_same_levels_and_is_gone_after_the_search
     ({"fitness": "bleu"}, "allocator.fitness must be one of kl, ppl"),
     ({"database": "ram"}, "allocator.database must be one of memory, disk"),
     ({"mutations": 0}, "allocator.mutations must be a whole number >= 1"),
+    ({"rounds": 0}, "allocator.rounds must be a whole number >= 1"),
 ])
 def test_bad_search_settings_fail_when_the_allocator_is_built(kwargs, match):
     with pytest.raises(PruneLabError, match=match):

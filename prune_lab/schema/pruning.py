@@ -107,6 +107,7 @@ class SearchConf(AllocatorConf):
     mutations: int = 3                       # evolution: at most this many level switches per child
     resample: bool = True                    # evolution: each stage's windows drawn anew from the calibration set
     database: str = "memory"                 # memory (CPU) | disk (<run dir>/search_levels/ while it runs)
+    rounds: int = 1                          # 2+: the database refit on the last best's pruned path, searched again
 
 
 @dataclass

@@ -43,14 +43,14 @@ class Search(Allocator):
                  fitness_tokens: int = 8192, stages: int = 3, generations: int = 50, offspring: int = 16,
                  sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
-                 mutations: int = 3, resample: bool = True, database: str = "memory"):
+                 mutations: int = 3, resample: bool = True, database: str = "memory", rounds: int = 1):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
                                      ("sampler", sampler, SAMPLERS), ("database", database, DATABASES)):
             if value not in allowed:
                 raise PruneLabError(f"allocator.{name} must be one of {', '.join(allowed)}, got '{value}'")
         for name, value in (("generations", generations), ("offspring", offspring), ("stages", stages),
-                            ("fitness_tokens", fitness_tokens), ("mutations", mutations)):
+                            ("fitness_tokens", fitness_tokens), ("mutations", mutations), ("rounds", rounds)):
             if not isinstance(value, int) or value < 1:
                 raise PruneLabError(f"allocator.{name} must be a whole number >= 1, got {value}")
         if not 0 < mlp_step <= 0.5:
@@ -61,7 +61,7 @@ class Search(Allocator):
         self.searcher, self.fitness_kind, self.fitness_tokens = searcher, fitness, fitness_tokens
         self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
         self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
-        self.mutations, self.resample, self.database = mutations, bool(resample), database
+        self.mutations, self.resample, self.database, self.rounds = mutations, bool(resample), database, rounds
         self.summary: dict = {}
 
     def check_calibration(self, n_tokens: int) -> None:
@@ -92,14 +92,14 @@ class Search(Allocator):
         budget = self._budget(views)
         parts = budget.parts
         t0 = time.time()
-        store = Path(run_dir) / "search_levels" if self.database == "disk" else None
+        store = Path(run_dir) / "search_levels" / "round1" if self.database == "disk" else None
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
         try:
             return self._search(model, batches, engine, scores, views, run_dir, budget, Database(parts, store=store), t0)
         finally:
             if store is not None:
-                shutil.rmtree(store, ignore_errors=True)
+                shutil.rmtree(store.parent, ignore_errors=True)
 
     def _search(self, model, batches, engine, scores, views, run_dir, budget, db, t0) -> PruningPlan:
         target, parts = budget.target, budget.parts
@@ -114,24 +114,54 @@ class Search(Allocator):
                  error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
         seed_values = [fitness(s) for s in seeds]
         trajectory: list = []
-        if self.searcher == "evolution":
-            best = evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory,
-                          self.mutations, len(windows) if self.resample else None)
-        else:
-            best = optimise(fitness, budget, seeds, stage_batches[-1], self.generations * self.offspring,
-                            self.sampler, self.seed, f"sqlite:///{Path(run_dir).resolve() / 'search.db'}",
-                            rng, trajectory)
+        best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, 1)
+        rounds = [{"database_seconds": round(t1 - t0, 2), "best_fitness": float(fitness(best))}]
+        for r in range(2, self.rounds + 1):      # the database refit on the pruned path of the last best
+            t2 = time.time()
+            db = self._pruned_database(model, batches, engine, db, best, r)
+            fitness.rebase(db)
+            carried = float(fitness(best))
+            seeds = [best, error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
+            t3 = time.time()
+            best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r)
+            rounds.append({"database_seconds": round(t3 - t2, 2), "carried_fitness": carried,
+                           "best_fitness": float(fitness(best))})
         plan = self._plan(db, best, target)
         self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
                         "resample": self.resample, "evaluations": fitness.evaluations,
                         "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
-                        "database": self.database,
+                        "database": self.database, "rounds": rounds,
                         "seed_fitness": dict(zip(SEEDS, seed_values)),
-                        "best_fitness": float(fitness(best)), "trajectory": trajectory,
+                        "best_fitness": rounds[-1]["best_fitness"], "trajectory": trajectory,
                         "levels": self._by_layer(parts, best), "global_levels": self._by_layer(parts, seeds[0])}
         return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")
+
+    def _run(self, fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r) -> np.ndarray:
+        if self.searcher == "evolution":
+            return evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory,
+                          self.mutations, len(fitness.batches) if self.resample else None)
+        name = "search.db" if r == 1 else f"search_round{r}.db"
+        return optimise(fitness, budget, seeds, stage_batches[-1], self.generations * self.offspring,
+                        self.sampler, self.seed + r - 1, f"sqlite:///{Path(run_dir).resolve() / name}", rng, trajectory)
+
+    def _pruned_database(self, model, batches, engine, db: Database, levels: np.ndarray, r: int) -> Database:
+        """The levels refit on the pruned path of `levels` (the model's weights restored after)."""
+        store = None if db.store is None else db.store.parent / f"round{r}"
+        if store is not None:
+            store.mkdir(parents=True, exist_ok=True)
+        new = Database(db.parts, store=store)
+        linears = Fitness.linears_of(model, db.parts)
+        originals = [lin.weight.data.clone() for lin in linears]
+        try:
+            engine.walk(model, batches, LevelBuilder(new, self.damp, at=levels))
+        finally:
+            for lin, w in zip(linears, originals):
+                lin.weight.data = w
+        if db.store is not None:
+            shutil.rmtree(db.store, ignore_errors=True)
+        return new
 
     def _fitness_batches(self, batches) -> tuple[list, list[int]]:
         """Windows of the calibration set regrouped so that every stage is a whole number of batches:

@@ -31,8 +31,7 @@ class Fitness:
                  dense_cache_bytes: int = 4 << 30):
         self.model, self.db, self.kind = model, db, kind
         self.batches = [b.to(model.device) for b in batches]
-        views = {v.index: v for v in layer_views(model)}
-        self.linears = [views[p.layer].attn.o if p.kind == "attn" else views[p.layer].mlp.down for p in db.parts]
+        self.linears = self.linears_of(model, db.parts)
         self.part_layer = np.array([p.layer for p in db.parts])
         self.evaluations = self.tokens = self.layers_run = 0
         self.memo: dict[tuple[bytes, int], float] = {}   # a candidate is evaluated once per token count
@@ -47,6 +46,18 @@ class Fitness:
             with torch.no_grad():
                 self.dense = [self._dense(b, keep_logp) for b in self.batches]
             self.dense_is_logp = keep_logp
+
+    @staticmethod
+    def linears_of(model, parts) -> list:
+        """The o_proj / down_proj of every part (what a candidate's levels replace)."""
+        views = {v.index: v for v in layer_views(model)}
+        return [views[p.layer].attn.o if p.kind == "attn" else views[p.layer].mlp.down for p in parts]
+
+    def rebase(self, db: Database) -> None:
+        """Score candidates from another database of the same parts (the search's next round): the
+        dense reference is kept, the memo and the anchor's kept inputs are dropped."""
+        self.db, self.memo, self.anchor_levels, self.anchor_inputs = db, {}, None, {}
+        self.recent = (None, {})
 
     def _dense(self, batch, keep_logp: bool):
         hidden = self.prefix.run(batch, 0, None)[0]

@@ -15,6 +15,7 @@ import torch
 
 from ...core.adapter import LayerView
 from ...engine import LayerMethod
+from ...engine.stats import output_error
 from ...reconstruct import refit
 
 
@@ -97,12 +98,18 @@ class Database:
 
 
 class LevelBuilder(LayerMethod):
-    """Engine method (dense path): the Gram of o_proj / down_proj inputs -> order + refit per level."""
+    """Engine method: the Gram of o_proj / down_proj inputs -> order + refit per level. On the dense
+    path (`at` None: one stage per layer, C = G), or on the pruned path of the levels `at` (the
+    search's second round, Týr's error accumulation): two streams, attention then MLP, every level
+    refit as reconstruct=lstsq refits it (W₀·C and the residual drift), the layer then left at its
+    level in `at` so the next layer sees that shape's pruned inputs."""
 
     needs_gram = True
 
-    def __init__(self, db: Database, damp: float, chunk: int = 0):
+    def __init__(self, db: Database, damp: float, chunk: int = 0, at: np.ndarray | None = None):
         self.db, self.damp, self.chunk = db, damp, chunk
+        self.at = None if at is None else np.asarray(at)
+        self.needs_cross = self.needs_residual = self.at is not None
         self.by_key = {(p.layer, p.kind): i for i, p in enumerate(db.parts)}
         db.order = [[] for _ in db.parts]
         db.weights = [[] for _ in db.parts]
@@ -110,32 +117,44 @@ class LevelBuilder(LayerMethod):
         db.energy = [0.0 for _ in db.parts]
 
     def stages(self, view):
-        return [["attn.o", "mlp.down"]]
+        return [["attn.o", "mlp.down"]] if self.at is None else [["attn.o"], ["mlp.down"]]
 
     @torch.no_grad()
     def apply(self, index: int, view: LayerView, stats) -> dict:
         a = view.attn
         for kind, lin, path, width in (("attn", a.o, "attn.o", a.group_size * a.head_dim),
                                        ("mlp", view.mlp.down, "mlp.down", 1)):
+            if path not in stats:
+                continue
             i = self.by_key[(index, kind)]
             part = self.db.parts[i]
-            w, g = lin.weight.double(), stats[path].gram.double()
+            s = stats[path]
+            g, wc = s.gram.double(), s.w_cross(lin.weight)
+            energy = float(s.w_energy(lin.weight))
+            drift = None if s.resid_cross is None else s.resid_cross.double()
             k = part.removed(part.top)
             chunk = self.chunk or max(1, math.ceil(k / 64))
-            order = refit.obs_select(w, g, part.units, width, k, self.damp, chunk)[0] if k else []
+            if k and self.at is None:
+                order = refit.obs_select(lin.weight.double(), g, part.units, width, k, self.damp, chunk)[0]
+            elif k:                              # as reconstruct=obs selects: on the full refit's weights
+                hinv = refit.ridge_inverse(g, self.damp)
+                full = (wc if drift is None else wc + drift) @ hinv
+                order = refit.obs_select(full, g, part.units, width, k, self.damp, chunk, adaptive=True, hinv=hinv)[0]
+                del hinv, full
+            else:
+                order = []
             self.db.order[i] = order
             levels, errors = [], []
-            wg = w @ g                                        # W·C on the one (dense) stream: C = G
-            energy = float((wg * w).sum())
             for level in range(part.top + 1):
-                cut = torch.as_tensor(sorted(order[:part.removed(level)]), dtype=torch.long, device=w.device)
-                keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+                cut = torch.as_tensor(sorted(order[:part.removed(level)]), dtype=torch.long, device=g.device)
+                keep = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
                 keep[refit.block_columns(cut, width)] = False
                 new = lin.weight.detach().clone() if level == 0 else \
-                    refit.lstsq(wg, g, keep.nonzero().squeeze(1), self.damp).to(lin.weight.dtype)
+                    refit.lstsq(wc, g, keep.nonzero().squeeze(1), self.damp, drift).to(lin.weight.dtype)
                 levels.append(new.cpu())
-                d = w - new.double()
-                errors.append(float((d @ g * d).sum()) / energy if energy > 0 else 0.0)
+                errors.append(output_error(new, g, wc, energy) / energy if energy > 0 else 0.0)
+            if self.at is not None:
+                lin.weight.copy_(levels[int(self.at[i])].to(lin.weight.device))
             if self.db.store is not None:
                 levels = OnDisk(self.db.store / f"part{i}.safetensors", levels)
             self.db.weights[i], self.db.errors[i], self.db.energy[i] = levels, errors, energy
