@@ -12,7 +12,7 @@ from conftest import run_cli, text_job, tiny_model, tiny_overrides, tokens
 from prune_lab.allocator import Search
 from prune_lab.allocator.search.budget import Budget
 from prune_lab.allocator.search.fitness import Fitness
-from prune_lab.allocator.search.levels import Database, LevelBuilder, ladder
+from prune_lab.allocator.search.levels import Database, LevelBuilder, OnDisk, ladder
 from prune_lab.core.adapter import layer_views
 from prune_lab.engine import Engine
 from prune_lab.errors import PruneLabError
@@ -200,6 +200,11 @@ def test_the_database_on_disk_holds_the_same_levels_and_is_gone_after_the_search
     assert len(list(tmp_path.glob("part*.safetensors"))) == len(parts) and disk.nbytes == mem.nbytes
     for ws, wd in zip(mem.weights, disk.weights):
         assert len(ws) == len(wd) and all(torch.equal(a, wd[i]) for i, a in enumerate(ws))
+    levels = next(ws for ws in mem.weights if len(ws) >= 3)
+    part = OnDisk(tmp_path / "one.safetensors", levels)
+    for level in (0, 1, 0, 1, 2, 1, 0):       # the two levels read last stay in memory
+        assert torch.equal(part[level], levels[level])
+    assert part.reads == 4                    # 0, 1, then 2 (0 leaves), then 0 again
     extra = [*SMALL, "cache.enabled=false"]
     run(text_job(tmp_path, *extra), tmp_path / "memory")
     run(text_job(tmp_path, *extra, "allocator.database=disk"), tmp_path / "disk")

@@ -63,21 +63,34 @@ def _nbytes(levels) -> int:
 
 
 class OnDisk:
-    """One part's level weights in a safetensors file (level i under the name "i"), read per access."""
+    """One part's level weights in a safetensors file (level i under the name "i"), read when accessed;
+    the last `held` levels read stay in memory (a search's candidates mostly share the parent's level
+    of a part, so assembling one reads only the parts it changes)."""
 
-    def __init__(self, path: Path, levels: list[torch.Tensor]):
+    def __init__(self, path: Path, levels: list[torch.Tensor], held: int = 2):
         from safetensors.torch import save_file
         save_file({str(i): w.contiguous() for i, w in enumerate(levels)}, str(path))
-        self.path, self.n = path, len(levels)
+        self.path, self.n, self.held = path, len(levels), held
         self.nbytes = _nbytes(levels)
+        self.reads = 0
+        self._recent: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, level: int) -> torch.Tensor:
+        level = int(level)
+        if level in self._recent:
+            self._recent[level] = self._recent.pop(level)          # most recent last
+            return self._recent[level]
         from safetensors import safe_open
         with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(str(int(level)))
+            w = f.get_tensor(str(level))
+        self.reads += 1
+        self._recent[level] = w
+        while len(self._recent) > self.held:
+            self._recent.pop(next(iter(self._recent)))
+        return w
 
 
 @dataclass
