@@ -12,7 +12,7 @@ from conftest import run_cli, text_job, tiny_model, tiny_overrides, tokens
 from prune_lab.allocator import Search
 from prune_lab.allocator.search.budget import Budget
 from prune_lab.allocator.search.fitness import Fitness
-from prune_lab.allocator.search.levels import Database, LevelBuilder, OnDisk, ladder
+from prune_lab.allocator.search.levels import Database, LevelBuilder, OnDisk, ladder, removed_params
 from prune_lab.core.adapter import layer_views
 from prune_lab.engine import Engine
 from prune_lab.errors import PruneLabError
@@ -264,6 +264,44 @@ def test_a_second_round_searches_from_the_first_ones_best_on_its_pruned_path_dat
     assert abs(m["plan"]["params_removed"] - m["plan"]["target_params"]) <= channel / 2
 
 
+def test_the_uniform_ladder_holds_every_one_shape_candidate_that_meets_the_budget():
+    from prune_lab.allocator.search.uniform import uniform_ladder
+    model = tiny_model("qwen2", intermediate=48)          # 2 KV groups of 7 heads, MLP 48, 3 layers
+    views = layer_views(model)
+    v = views[0]
+    target = int(0.3 * sum(x.num_params for x in views))
+    parts, candidates = uniform_ladder(views, target, 1)
+    assert len(candidates) == 2 and len(parts) == 6                 # 0 or 1 groups removed per layer
+    for c in candidates:
+        a, m = parts[0].removed(int(c[0])), parts[1].removed(int(c[1]))
+        assert (c[0::2] == c[0]).all() and (c[1::2] == c[1]).all()  # one shape in every layer
+        removed = 3 * (a * v.attn.group_cost + m * v.mlp.channel_cost)
+        over = 3 * (v.mlp.channel_cost if m else v.attn.group_cost)   # attention alone: one group fewer is short
+        assert target <= removed < target + over
+        assert removed_params(parts, c) == removed
+    aligned_parts, aligned = uniform_ladder(views, target, 8)
+    assert aligned and all((48 - aligned_parts[1].removed(int(c[1]))) % 8 == 0 for c in aligned)
+    with pytest.raises(PruneLabError, match="cannot be met with one shape"):
+        uniform_ladder(views, int(0.99 * sum(x.num_params for x in views)), 1)
+    with pytest.raises(PruneLabError, match="allocator.shape=uniform gives every layer the same shape"):
+        Search(shape="uniform", layer_start=1).eligible(views)
+
+
+def test_a_uniform_shape_search_scores_every_shape_and_exports_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    extra = [*SMALL, "cache.enabled=false", "allocator.shape=uniform", "output.export=hf", "allocator.rounds=2"]
+    run(text_job(tmp_path, *extra), tmp_path / "u")
+    m = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    s = m["search"]
+    assert m["status"] == "ok" and s["searcher"] == "exhaustive" and s["reference"] == "uniform_shape"
+    assert len(s["candidates"]) >= 2
+    best = min(s["candidates"], key=lambda c: c["fitness"])      # the last round's scores
+    assert s["levels"] == {"attn": [best["attn"]] * 3, "mlp": [best["mlp"]] * 3}
+    assert m["plan"]["params_removed"] >= m["plan"]["target_params"]
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "u" / "hf").config
+    assert (config.num_key_value_heads, config.intermediate_size) == (2 - best["attn"], 48 - best["mlp"])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"generations": 0}, "allocator.generations must be a whole number >= 1"),
     ({"mlp_step": 0.7}, r"allocator.mlp_step must be in \(0, 0.5\]"),
@@ -272,6 +310,7 @@ def test_a_second_round_searches_from_the_first_ones_best_on_its_pruned_path_dat
     ({"database": "ram"}, "allocator.database must be one of memory, disk"),
     ({"mutations": 0}, "allocator.mutations must be a whole number >= 1"),
     ({"rounds": 0}, "allocator.rounds must be a whole number >= 1"),
+    ({"shape": "ragged"}, "allocator.shape must be one of free, uniform"),
 ])
 def test_bad_search_settings_fail_when_the_allocator_is_built(kwargs, match):
     with pytest.raises(PruneLabError, match=match):

@@ -108,6 +108,7 @@ class SearchConf(AllocatorConf):
     resample: bool = True                    # evolution: each stage's windows drawn anew from the calibration set
     database: str = "memory"                 # memory (CPU) | disk (<run dir>/search_levels/ while it runs)
     rounds: int = 1                          # 2+: the database refit on the last best's pruned path, searched again
+    shape: str = "free"                      # free: a level per part | uniform: one shape for all layers (all scored)
 
 
 @dataclass

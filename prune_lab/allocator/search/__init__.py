@@ -24,16 +24,19 @@ from ...core.plan import PruningPlan
 from ...errors import PruneLabError
 from ..base import Allocator
 from ..global_table import Global
+from ..uniform_shape import UniformShape
 from .budget import Budget
 from .evolution import evolve
 from .fitness import KINDS, Fitness
 from .levels import Database, LevelBuilder, ladder
 from .optuna_search import SAMPLERS, optimise
 from .seeds import error_seed
+from .uniform import uniform_ladder
 
 SEARCHERS = ("evolution", "optuna")
 DATABASES = ("memory", "disk")         # the levels' weights on CPU, or in <run dir>/search_levels/ while it runs
 SEEDS = ("global", "uniform", "error", "relative_error")   # starting points, in the order evaluated
+SHAPES = ("free", "uniform")           # any level per part, or one shape for every layer (every one scored)
 
 
 class Search(Allocator):
@@ -43,10 +46,12 @@ class Search(Allocator):
                  fitness_tokens: int = 8192, stages: int = 3, generations: int = 50, offspring: int = 16,
                  sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
-                 mutations: int = 3, resample: bool = True, database: str = "memory", rounds: int = 1):
+                 mutations: int = 3, resample: bool = True, database: str = "memory", rounds: int = 1,
+                 shape: str = "free"):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
-                                     ("sampler", sampler, SAMPLERS), ("database", database, DATABASES)):
+                                     ("sampler", sampler, SAMPLERS), ("database", database, DATABASES),
+                                     ("shape", shape, SHAPES)):
             if value not in allowed:
                 raise PruneLabError(f"allocator.{name} must be one of {', '.join(allowed)}, got '{value}'")
         for name, value in (("generations", generations), ("offspring", offspring), ("stages", stages),
@@ -62,6 +67,7 @@ class Search(Allocator):
         self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
         self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
         self.mutations, self.resample, self.database, self.rounds = mutations, bool(resample), database, rounds
+        self.shape, self.candidates, self.scored = shape, [], []
         self.summary: dict = {}
 
     def check_calibration(self, n_tokens: int) -> None:
@@ -77,6 +83,12 @@ class Search(Allocator):
 
     def _budget(self, views, mask: np.ndarray | None = None) -> Budget:
         mask = super().eligible(views) if mask is None else mask
+        if self.shape == "uniform":
+            if not mask.all():
+                raise PruneLabError("allocator.shape=uniform gives every layer the same shape: it takes no layer "
+                                    "range (leave allocator.layer_start / layer_end at their defaults)")
+            parts, self.candidates = uniform_ladder(views, self.target(views), self.multiple_of)
+            return Budget(parts, self.target(views))
         budget = Budget(ladder(views, self.mlp_step, self.multiple_of, mask), self.target(views))
         if budget.params(budget.top) < budget.target - budget.slack:
             raise PruneLabError(f"allocator.ratio={self.ratio} cannot be met on the ladder (at most "
@@ -108,11 +120,16 @@ class Search(Allocator):
         windows, stage_batches = self._fitness_batches(batches)
         fitness = Fitness(model, db, windows, self.fitness_kind)
         rng = np.random.default_rng(self.seed)
-        seeds = [self._snap(Global(self.ratio, layer_start=self.layer_start, layer_end=self.layer_end,
-                                   multiple_of=self.multiple_of)(scores, views), budget, rng),
-                 budget.repair(budget.project((budget.top > 0).astype(float)), rng),
-                 error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
-        seed_values = [fitness(s) for s in seeds]
+        if self.shape == "uniform":
+            seeds, seed_values = list(self.candidates), []
+            reference = self._counts(UniformShape(self.ratio, self.multiple_of, 0)(scores, views), parts)
+        else:
+            seeds = [self._snap(Global(self.ratio, layer_start=self.layer_start, layer_end=self.layer_end,
+                                       multiple_of=self.multiple_of)(scores, views), budget, rng),
+                     budget.repair(budget.project((budget.top > 0).astype(float)), rng),
+                     error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
+            seed_values = [fitness(s) for s in seeds]
+            reference = self._by_layer(parts, seeds[0])
         trajectory: list = []
         best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, 1)
         rounds = [{"database_seconds": round(t1 - t0, 2), "best_fitness": float(fitness(best))}]
@@ -121,13 +138,14 @@ class Search(Allocator):
             db = self._pruned_database(model, batches, engine, db, best, r)
             fitness.rebase(db)
             carried = float(fitness(best))
-            seeds = [best, error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
+            seeds = list(self.candidates) if self.shape == "uniform" else \
+                [best, error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
             t3 = time.time()
             best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r)
             rounds.append({"database_seconds": round(t3 - t2, 2), "carried_fitness": carried,
                            "best_fitness": float(fitness(best))})
         plan = self._plan(db, best, target)
-        self.summary = {"searcher": self.searcher, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
+        self.summary = {"searcher": "exhaustive" if self.shape == "uniform" else self.searcher, "shape": self.shape, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
                         "resample": self.resample, "evaluations": fitness.evaluations,
                         "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
@@ -135,10 +153,19 @@ class Search(Allocator):
                         "database": self.database, "rounds": rounds,
                         "seed_fitness": dict(zip(SEEDS, seed_values)),
                         "best_fitness": rounds[-1]["best_fitness"], "trajectory": trajectory,
-                        "levels": self._by_layer(parts, best), "global_levels": self._by_layer(parts, seeds[0])}
+                        "levels": self._by_layer(parts, best), "global_levels": reference,
+                        "reference": "uniform_shape" if self.shape == "uniform" else "global"}
+        if self.shape == "uniform":
+            self.summary["candidates"] = self.scored
         return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")
 
     def _run(self, fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r) -> np.ndarray:
+        if self.shape == "uniform":             # every shape on the last stage's windows
+            values = [fitness(c, stage_batches[-1]) for c in seeds]
+            self.scored = [{"attn": int(budget.parts[0].removed(int(c[0]))), "mlp": int(budget.parts[1].removed(int(c[1]))),
+                            "fitness": float(v)} for c, v in zip(seeds, values)]
+            trajectory.append((fitness.evaluations, fitness.tokens, float(min(values))))
+            return seeds[int(np.argmin(values))].copy()
         if self.searcher == "evolution":
             return evolve(fitness, budget, seeds, stage_batches, self.generations, self.offspring, rng, trajectory,
                           self.mutations, len(fitness.batches) if self.resample else None)
@@ -184,6 +211,11 @@ class Search(Allocator):
         return budget.repair(levels, rng)
 
     @staticmethod
+    def _counts(plan: PruningPlan, parts) -> dict:
+        return {kind: [len((plan.attn if kind == "attn" else plan.mlp).get(p.layer, [])) for p in parts if p.kind == kind]
+                for kind in ("attn", "mlp")}
+
+    @staticmethod
     def _by_layer(parts, levels) -> dict:
         return {kind: [int(p.removed(int(lv))) for p, lv in zip(parts, levels) if p.kind == kind]
                 for kind in ("attn", "mlp")}
@@ -194,7 +226,8 @@ class Search(Allocator):
         parts = db.parts
         counts = [p.removed(int(lv)) for p, lv in zip(parts, levels)]
         left = target - sum(c * p.unit_cost for c, p in zip(counts, parts))
-        mlp = sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable), key=lambda i: (-counts[i], i))
+        mlp = [] if self.shape == "uniform" else \
+            sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable), key=lambda i: (-counts[i], i))
         turn = 0
         while mlp and abs(left) >= parts[mlp[0]].unit_cost / 2:
             d = 1 if left > 0 else -1

@@ -28,14 +28,17 @@ class Part:
     step: int
     unit_cost: int            # parameters per unit
     searchable: bool = True   # outside allocator.layer_start/layer_end: level 0 only
+    counts: tuple[int, ...] | None = None   # units removed at each level, when not steps (counts[0] = 0)
 
     @property
     def top(self) -> int:
         """The highest level: every level keeps at least one unit."""
-        return (self.units - 1) // self.step if self.searchable else 0
+        if not self.searchable:
+            return 0
+        return len(self.counts) - 1 if self.counts else (self.units - 1) // self.step
 
     def removed(self, level: int) -> int:
-        return min(level * self.step, self.units - 1)
+        return self.counts[level] if self.counts else min(level * self.step, self.units - 1)
 
     @property
     def step_cost(self) -> int:
