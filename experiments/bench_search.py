@@ -43,6 +43,11 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     # a second round on the database refit along the first round's best shape (Týr's error accumulation)
     "search evolution 50%, rounds=2": ["allocator=search", "allocator.ratio=0.5", "allocator.rounds=2"],
     "search evolution 25%, rounds=2": ["allocator=search", "allocator.ratio=0.25", "allocator.rounds=2"],
+    # one shape for every layer (loads with plain transformers): importance sums vs the fitness on compensated levels
+    "uniform_shape 25% (width only)": ["allocator=uniform_shape", "allocator.ratio=0.25", "allocator.max_removed_layers=0"],
+    "search uniform shape 25%": ["allocator=search", "allocator.ratio=0.25", "allocator.shape=uniform"],
+    "uniform_shape 50% (width only)": ["allocator=uniform_shape", "allocator.ratio=0.5", "allocator.max_removed_layers=0"],
+    "search uniform shape 50%": ["allocator=search", "allocator.ratio=0.5", "allocator.shape=uniform"],
     "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
 }
 
