@@ -13,6 +13,7 @@ from prune_lab.allocator import Search
 from prune_lab.allocator.search.budget import Budget
 from prune_lab.allocator.search.fitness import Fitness
 from prune_lab.allocator.search.levels import Database, LevelBuilder, OnDisk, ladder, removed_params
+from prune_lab.allocator.search.shapes import to_plan
 from prune_lab.core.adapter import layer_views
 from prune_lab.engine import Engine
 from prune_lab.errors import PruneLabError
@@ -230,8 +231,7 @@ def test_the_pruned_path_database_at_its_own_levels_is_the_final_least_squares_r
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruned = Database(parts)
     Engine("cpu", progress=False).walk(model, batches, LevelBuilder(pruned, 0.01, at=at))
-    search = Search(ratio=0.1, mlp_step=0.125)
-    plan = search._plan(pruned, at, sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, at)))
+    plan = to_plan(pruned, at, sum(p.removed(int(lv)) * p.unit_cost for p, lv in zip(parts, at)))
     Reconstruct("lstsq", damp=0.01, residual=True)(reference, plan, batches, Engine("cpu", progress=False))
     ref_views = layer_views(reference)
     for i, (p, lv) in enumerate(zip(parts, at)):
@@ -250,7 +250,7 @@ def test_the_pruned_path_database_at_its_own_levels_is_the_final_least_squares_r
 
 
 def test_a_second_round_searches_from_the_first_ones_best_on_its_pruned_path_database(tmp_path):
-    extra = [*SMALL, "cache.enabled=false", "allocator.database=disk"]
+    extra = [*SMALL, "cache.enabled=false", "allocator.database=disk", "allocator.remove_empty_layers=true"]
     run(text_job(tmp_path, *extra, "allocator.rounds=2"), tmp_path / "two")
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())
     s = m["search"]
@@ -302,6 +302,59 @@ def test_a_uniform_shape_search_scores_every_shape_and_exports_with_plain_transf
     assert (config.num_key_value_heads, config.intermediate_size) == (2 - best["attn"], 48 - best["mlp"])
 
 
+def droppable_database(model, batches):
+    views = layer_views(model)
+    parts = ladder(views, 0.125, 1, np.ones(len(views), dtype=bool), droppable=True)
+    db = Database(parts)
+    Engine("cpu", progress=False).walk(model, batches, LevelBuilder(db, 0.01), propagate="dense")
+    return views, parts, db
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_removed_layers_fitness_is_the_kl_of_the_model_without_that_layer(arch):
+    import copy
+    import torch.nn.functional as F
+
+    from prune_lab.core.executor import apply_plan
+    from prune_lab.core.plan import PruningPlan
+    model = tiny_model(arch, intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    views, parts, db = droppable_database(model, batches)
+    budget = Budget(parts, 0)
+    levels = np.zeros(len(parts), dtype=int)
+    assert budget.drop(levels, 2) == [2, 3] and budget.dropped_layers(levels) == [1]
+    assert db.parts[2].removed(levels[2]) == db.parts[2].units and len(db.weights[2]) == parts[2].top + 2
+    got = Fitness(model, db, batches, "kl")(levels)
+    short = apply_plan(copy.deepcopy(model), PruningPlan(layers=[1]))     # the layer deleted, a slow reference
+    with torch.no_grad():
+        ref = sum(float(F.kl_div(F.log_softmax(short(b).logits.float(), -1), F.log_softmax(model(b).logits.float(), -1),
+                                 log_target=True, reduction="sum")) for b in batches) / sum(b.numel() for b in batches)
+    assert got == pytest.approx(ref, rel=1e-4) and ref > 1e-4
+    plan = to_plan(db, levels, sum(v.num_params for v in views if v.index == 1))
+    assert plan.layers == [1] and 1 not in plan.attn and 1 not in plan.mlp
+
+
+def test_mutations_remove_whole_layers_and_repairs_never_split_one():
+    from prune_lab.allocator.search.evolution import mutate
+    model = tiny_model("llama", intermediate=32)
+    views = layer_views(model)
+    parts = ladder(views, 0.125, 1, np.ones(len(views), dtype=bool), droppable=True)
+    budget = Budget(parts, int(0.45 * sum(v.num_params for v in views)))
+    rng = np.random.default_rng(0)
+    parent = budget.repair(budget.project(np.ones(len(parts))), rng)
+    drops = 0
+    for _ in range(200):
+        child = mutate(parent, budget, rng, 2)
+        assert budget.feasible(child)
+        gone = child > budget.top
+        assert (gone[0::2] == gone[1::2]).all()                     # attention and MLP of a layer go together
+        drops += bool(gone.any())
+        parent = child if rng.random() < 0.5 else parent
+    assert drops > 0
+    no_drop = Budget(ladder(views, 0.125, 1, np.ones(len(views), dtype=bool)), budget.target)
+    assert not len(no_drop.droppable_layers(np.zeros(len(parts), dtype=int)))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"generations": 0}, "allocator.generations must be a whole number >= 1"),
     ({"mlp_step": 0.7}, r"allocator.mlp_step must be in \(0, 0.5\]"),
@@ -311,6 +364,7 @@ def test_a_uniform_shape_search_scores_every_shape_and_exports_with_plain_transf
     ({"mutations": 0}, "allocator.mutations must be a whole number >= 1"),
     ({"rounds": 0}, "allocator.rounds must be a whole number >= 1"),
     ({"shape": "ragged"}, "allocator.shape must be one of free, uniform"),
+    ({"remove_empty_layers": True, "searcher": "optuna"}, "allocator.remove_empty_layers=true removes layers by the"),
 ])
 def test_bad_search_settings_fail_when_the_allocator_is_built(kwargs, match):
     with pytest.raises(PruneLabError, match=match):

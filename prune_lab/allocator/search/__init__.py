@@ -31,6 +31,7 @@ from .fitness import KINDS, Fitness
 from .levels import Database, LevelBuilder, ladder
 from .optuna_search import SAMPLERS, optimise
 from .seeds import error_seed
+from .shapes import by_layer, counts_of, snap, to_plan
 from .uniform import uniform_ladder
 
 SEARCHERS = ("evolution", "optuna")
@@ -47,7 +48,7 @@ class Search(Allocator):
                  sampler: str = "cmaes", mlp_step: float = 0.0625, damp: float = 0.01, seed: int = 0,
                  layer_start: int = 0, layer_end: int | None = None, multiple_of: int = 1,
                  mutations: int = 3, resample: bool = True, database: str = "memory", rounds: int = 1,
-                 shape: str = "free"):
+                 shape: str = "free", remove_empty_layers: bool = False):
         super().__init__(ratio, layer_start, layer_end, multiple_of)
         for name, value, allowed in (("searcher", searcher, SEARCHERS), ("fitness", fitness, KINDS),
                                      ("sampler", sampler, SAMPLERS), ("database", database, DATABASES),
@@ -67,7 +68,11 @@ class Search(Allocator):
         self.stages, self.generations, self.offspring, self.sampler = stages, generations, offspring, sampler
         self.mlp_step, self.damp, self.seed = float(mlp_step), float(damp), seed
         self.mutations, self.resample, self.database, self.rounds = mutations, bool(resample), database, rounds
+        if remove_empty_layers and (searcher != "evolution" or shape != "free"):
+            raise PruneLabError("allocator.remove_empty_layers=true removes layers by the evolution's mutations: it "
+                                "needs allocator.searcher=evolution and allocator.shape=free")
         self.shape, self.candidates, self.scored = shape, [], []
+        self.remove_empty_layers = bool(remove_empty_layers)
         self.summary: dict = {}
 
     def check_calibration(self, n_tokens: int) -> None:
@@ -89,7 +94,8 @@ class Search(Allocator):
                                     "range (leave allocator.layer_start / layer_end at their defaults)")
             parts, self.candidates = uniform_ladder(views, self.target(views), self.multiple_of)
             return Budget(parts, self.target(views))
-        budget = Budget(ladder(views, self.mlp_step, self.multiple_of, mask), self.target(views))
+        budget = Budget(ladder(views, self.mlp_step, self.multiple_of, mask, self.remove_empty_layers),
+                        self.target(views))
         if budget.params(budget.top) < budget.target - budget.slack:
             raise PruneLabError(f"allocator.ratio={self.ratio} cannot be met on the ladder (at most "
                                 f"{budget.params(budget.top)} of {budget.target} params removable while every layer "
@@ -122,14 +128,14 @@ class Search(Allocator):
         rng = np.random.default_rng(self.seed)
         if self.shape == "uniform":
             seeds, seed_values = list(self.candidates), []
-            reference = self._counts(UniformShape(self.ratio, self.multiple_of, 0)(scores, views), parts)
+            reference = counts_of(UniformShape(self.ratio, self.multiple_of, 0)(scores, views), parts)
         else:
-            seeds = [self._snap(Global(self.ratio, layer_start=self.layer_start, layer_end=self.layer_end,
-                                       multiple_of=self.multiple_of)(scores, views), budget, rng),
+            seeds = [snap(Global(self.ratio, self.remove_empty_layers, self.layer_start, self.layer_end,
+                                       self.multiple_of)(scores, views), budget, rng),
                      budget.repair(budget.project((budget.top > 0).astype(float)), rng),
                      error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
             seed_values = [fitness(s) for s in seeds]
-            reference = self._by_layer(parts, seeds[0])
+            reference = by_layer(parts, seeds[0])
         trajectory: list = []
         best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, 1)
         rounds = [{"database_seconds": round(t1 - t0, 2), "best_fitness": float(fitness(best))}]
@@ -144,7 +150,7 @@ class Search(Allocator):
             best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r)
             rounds.append({"database_seconds": round(t3 - t2, 2), "carried_fitness": carried,
                            "best_fitness": float(fitness(best))})
-        plan = self._plan(db, best, target)
+        plan = to_plan(db, best, target, adjust=self.shape == "free")
         self.summary = {"searcher": "exhaustive" if self.shape == "uniform" else self.searcher, "shape": self.shape, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
                         "resample": self.resample, "evaluations": fitness.evaluations,
                         "tokens_evaluated": fitness.tokens,
@@ -153,7 +159,8 @@ class Search(Allocator):
                         "database": self.database, "rounds": rounds,
                         "seed_fitness": dict(zip(SEEDS, seed_values)),
                         "best_fitness": rounds[-1]["best_fitness"], "trajectory": trajectory,
-                        "levels": self._by_layer(parts, best), "global_levels": reference,
+                        "levels": by_layer(parts, best), "global_levels": reference,
+                        "layers_removed": budget.dropped_layers(best),
                         "reference": "uniform_shape" if self.shape == "uniform" else "global"}
         if self.shape == "uniform":
             self.summary["candidates"] = self.scored
@@ -203,44 +210,3 @@ class Search(Allocator):
         stages = [max(1, min(len(chunks), math.ceil(self.fitness_tokens / 4 ** (self.stages - 1 - s) / (per * seq))))
                   for s in range(self.stages)]
         return chunks, stages
-
-    @staticmethod
-    def _snap(plan: PruningPlan, budget: Budget, rng) -> np.ndarray:
-        counts = [len((plan.attn if p.kind == "attn" else plan.mlp).get(p.layer, [])) for p in budget.parts]
-        levels = np.array([min(p.top, int(round(c / p.step))) for p, c in zip(budget.parts, counts)])
-        return budget.repair(levels, rng)
-
-    @staticmethod
-    def _counts(plan: PruningPlan, parts) -> dict:
-        return {kind: [len((plan.attn if kind == "attn" else plan.mlp).get(p.layer, [])) for p in parts if p.kind == kind]
-                for kind in ("attn", "mlp")}
-
-    @staticmethod
-    def _by_layer(parts, levels) -> dict:
-        return {kind: [int(p.removed(int(lv))) for p, lv in zip(parts, levels) if p.kind == kind]
-                for kind in ("attn", "mlp")}
-
-    def _plan(self, db: Database, levels: np.ndarray, target: int) -> PruningPlan:
-        """Units of every part's level (the database's greedy order), the budget then made exact to half
-        an MLP channel by single channels spread round-robin over the parts already pruned most."""
-        parts = db.parts
-        counts = [p.removed(int(lv)) for p, lv in zip(parts, levels)]
-        left = target - sum(c * p.unit_cost for c, p in zip(counts, parts))
-        mlp = [] if self.shape == "uniform" else \
-            sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable), key=lambda i: (-counts[i], i))
-        turn = 0
-        while mlp and abs(left) >= parts[mlp[0]].unit_cost / 2:
-            d = 1 if left > 0 else -1
-            free = [i for i in mlp if 0 <= counts[i] + d <= parts[i].units - 1]
-            if not free:
-                break
-            i = free[turn % len(free)]
-            turn += 1
-            counts[i] += d
-            left -= d * parts[i].unit_cost
-        attn, mlp_units = {}, {}
-        for p, c, order in zip(parts, counts, db.order):
-            if c:
-                ranked = list(order) + [u for u in range(p.units) if u not in set(order)]
-                (attn if p.kind == "attn" else mlp_units)[p.layer] = ranked[:c]
-        return PruningPlan(attn, mlp_units, [], target)

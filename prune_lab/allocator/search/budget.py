@@ -1,6 +1,8 @@
 """The parameter budget over the level ladder: a candidate (one level per part) is feasible when it
 removes at most the target and at most one step less (the largest level step of any part), so that
-candidates compare at (almost) the same size; the plan is then made exact with single MLP channels."""
+candidates compare at (almost) the same size; the plan is then made exact with single MLP channels.
+With droppable parts (allocator.remove_empty_layers) a layer's two parts reach their drop level
+together (the layer removed) and leave it together (back to their top levels)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +15,28 @@ class Budget:
         self.parts, self.target = parts, int(target)
         self.top = np.array([p.top for p in parts])
         self.slack = max(p.step_cost for p in parts if p.top > 0)
+        self.partner = np.full(len(parts), -1)      # the other part of a droppable layer
+        by_layer: dict[int, list[int]] = {}
+        for i, p in enumerate(parts):
+            if p.droppable:
+                by_layer.setdefault(p.layer, []).append(i)
+        for pair in by_layer.values():
+            if len(pair) == 2:
+                self.partner[pair[0]], self.partner[pair[1]] = pair[1], pair[0]
+
+    def droppable_layers(self, levels: np.ndarray) -> np.ndarray:
+        """The attention part of every layer that may still be removed."""
+        return np.array([i for i, p in enumerate(self.parts) if p.kind == "attn" and self.partner[i] >= 0
+                         and levels[i] <= self.top[i]], dtype=int)
+
+    def drop(self, levels: np.ndarray, i: int) -> list[int]:
+        """Remove part i's layer (in place); returns both parts."""
+        j = int(self.partner[i])
+        levels[i], levels[j] = self.top[i] + 1, self.top[j] + 1
+        return [int(i), j]
+
+    def dropped_layers(self, levels: np.ndarray) -> list[int]:
+        return sorted({p.layer for i, p in enumerate(self.parts) if levels[i] > self.top[i]})
 
     def params(self, levels: np.ndarray) -> int:
         return removed_params(self.parts, levels)
@@ -32,7 +56,11 @@ class Budget:
             free = movable[~np.isin(movable, keep)]
             movable = free if len(free) else movable
             i = rng.choice(movable)
-            levels[i] += -1 if over > 0 else 1
+            if levels[i] > self.top[i]:              # a removed layer comes back at its top levels
+                j = self.partner[i]
+                levels[i], levels[j] = self.top[i], self.top[j]
+            else:
+                levels[i] += -1 if over > 0 else 1
         return levels
 
     def project(self, shares: np.ndarray) -> np.ndarray:

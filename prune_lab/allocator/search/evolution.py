@@ -1,7 +1,7 @@
 """allocator.searcher=evolution: EvoPress's algorithm (Sieberling et al., ICML'25) over the level database.
 
 One parent (the better of the seeds), each generation `offspring` children by level-switch mutations
-(1..`mutations` parts one level up, biased to few (the smaller of two uniform draws), others down until
+(1..`mutations` parts one level up or layers removed, biased to few (the smaller of two uniform draws), others down until
 the parameter budget holds again: budget moves between parts), then selection in stages on growing
 token counts (all children on the first stage's windows, the best quarter on the next, ...); the parent
 joins the last stage (elitist) and its winner is the next parent. With `pool` (resampling), every stage
@@ -23,13 +23,18 @@ def n_flips(rng: np.random.Generator, mutations: int) -> int:
 def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator, flips: int = 1) -> np.ndarray:
     child = levels.copy()
     raised = []
-    for _ in range(flips):
+    for _ in range(flips):                 # a part one level up, or (remove_empty_layers) a layer removed
         up = np.flatnonzero(child < budget.top)
-        if not len(up):
+        drops = budget.droppable_layers(child)
+        if not len(up) + len(drops):
             break
-        a = rng.choice(up)
-        child[a] += 1
-        raised.append(a)
+        pick = rng.choice(up) if not len(drops) else int(rng.integers(len(up) + len(drops)))
+        if not len(drops) or pick < len(up):
+            a = pick if not len(drops) else up[pick]
+            child[a] += 1
+            raised.append(int(a))
+        else:
+            raised += budget.drop(child, drops[pick - len(up)])
     if raised:
         budget.repair(child, rng, keep=raised)
     return child

@@ -29,6 +29,7 @@ class Part:
     unit_cost: int            # parameters per unit
     searchable: bool = True   # outside allocator.layer_start/layer_end: level 0 only
     counts: tuple[int, ...] | None = None   # units removed at each level, when not steps (counts[0] = 0)
+    droppable: bool = False   # allocator.remove_empty_layers: level top + 1 = the part gone (its layer removed)
 
     @property
     def top(self) -> int:
@@ -37,7 +38,14 @@ class Part:
             return 0
         return len(self.counts) - 1 if self.counts else (self.units - 1) // self.step
 
+    @property
+    def drop(self) -> int:
+        """The level past the ladder: every unit removed (only with the other part of its layer)."""
+        return self.top + 1
+
     def removed(self, level: int) -> int:
+        if self.droppable and level > self.top:
+            return self.units
         return self.counts[level] if self.counts else min(level * self.step, self.units - 1)
 
     @property
@@ -45,15 +53,17 @@ class Part:
         return self.step * self.unit_cost
 
 
-def ladder(views: list[LayerView], mlp_step: float, multiple_of: int, eligible: np.ndarray) -> list[Part]:
+def ladder(views: list[LayerView], mlp_step: float, multiple_of: int, eligible: np.ndarray,
+           droppable: bool = False) -> list[Part]:
     """Parts in layer order (attn, mlp of layer 0, then layer 1, ...). Attention: one GQA group per
-    level (all counts); MLP: round(mlp_step * width) channels per level, on multiples of multiple_of."""
+    level (all counts); MLP: round(mlp_step * width) channels per level, on multiples of multiple_of.
+    `droppable`: each eligible part gets the drop level (the whole layer removed)."""
     parts = []
     for v in views:
         step = max(multiple_of, int(round(mlp_step * v.mlp.width / multiple_of)) * multiple_of)
         ok = bool(eligible[v.index])
-        parts.append(Part(v.index, "attn", v.attn.num_kv_heads, 1, v.attn.group_cost, ok))
-        parts.append(Part(v.index, "mlp", v.mlp.width, step, v.mlp.channel_cost, ok))
+        parts.append(Part(v.index, "attn", v.attn.num_kv_heads, 1, v.attn.group_cost, ok, droppable=droppable and ok))
+        parts.append(Part(v.index, "mlp", v.mlp.width, step, v.mlp.channel_cost, ok, droppable=droppable and ok))
     return parts
 
 
@@ -169,6 +179,9 @@ class LevelBuilder(LayerMethod):
                     refit.lstsq(wc, g, keep.nonzero().squeeze(1), self.damp, drift).to(lin.weight.dtype)
                 levels.append(new.cpu())
                 errors.append(output_error(new, g, wc, energy) / energy if energy > 0 else 0.0)
+            if part.droppable:                   # a zero o_proj and down_proj: the layer is the identity
+                levels.append(torch.zeros_like(lin.weight, device="cpu"))
+                errors.append(1.0)
             if self.at is not None:
                 lin.weight.copy_(levels[int(self.at[i])].to(lin.weight.device))
             if self.db.store is not None:
