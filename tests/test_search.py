@@ -255,7 +255,8 @@ def test_a_second_round_searches_from_the_first_ones_best_on_its_pruned_path_dat
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())
     s = m["search"]
     assert m["status"] == "ok" and [set(r) for r in s["rounds"]] == \
-        [{"database_seconds", "best_fitness"}, {"database_seconds", "carried_fitness", "best_fitness"}]
+        [{"database_seconds", "best_fitness", "kept"}, {"database_seconds", "carried_fitness", "best_fitness", "kept"}]
+    assert s["rounds"][1]["kept"] in ("search", "round 1", "error", "relative_error")
     first, second = s["rounds"]
     assert second["best_fitness"] <= second["carried_fitness"] + 1e-12    # round 2 starts from round 1's best
     assert s["best_fitness"] == second["best_fitness"] and len(s["trajectory"]) == 2 * (3 + 1)
@@ -353,6 +354,25 @@ def test_mutations_remove_whole_layers_and_repairs_never_split_one():
     assert drops > 0
     no_drop = Budget(ladder(views, 0.125, 1, np.ones(len(views), dtype=bool)), budget.target)
     assert not len(no_drop.droppable_layers(np.zeros(len(parts), dtype=int)))
+
+
+def test_a_search_result_worse_than_a_seed_on_every_fitness_window_gives_way_to_the_seed(monkeypatch):
+    """The stages score candidates on a few windows each: the round's result is checked against the
+    seeds on all of them, and the better one kept (the search's on a tie)."""
+    calls = []
+
+    def fitness(levels, which=None):
+        calls.append(which)
+        return float(np.asarray(levels).sum())
+
+    search = Search()
+    seeds = [np.array([2, 2]), np.array([1, 1])]
+    monkeypatch.setattr(search, "_searcher", lambda *a: np.array([3, 0]))
+    best, kept = search._run(fitness, None, seeds, ["global", "uniform"], [1], None, [], None, 1)
+    assert (best == [1, 1]).all() and kept == "uniform" and calls == [None, None, None]
+    monkeypatch.setattr(search, "_searcher", lambda *a: np.array([2, 0]))
+    best, kept = search._run(fitness, None, seeds, ["global", "uniform"], [1], None, [], None, 1)
+    assert (best == [2, 0]).all() and kept == "search"
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -137,8 +137,9 @@ class Search(Allocator):
             seed_values = [fitness(s) for s in seeds]
             reference = by_layer(parts, seeds[0])
         trajectory: list = []
-        best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, 1)
-        rounds = [{"database_seconds": round(t1 - t0, 2), "best_fitness": float(fitness(best))}]
+        names = [f"shape {i}" for i in range(len(seeds))] if self.shape == "uniform" else list(SEEDS)
+        best, kept = self._run(fitness, budget, seeds, names, stage_batches, rng, trajectory, run_dir, 1)
+        rounds = [{"database_seconds": round(t1 - t0, 2), "best_fitness": float(fitness(best)), "kept": kept}]
         for r in range(2, self.rounds + 1):      # the database refit on the pruned path of the last best
             t2 = time.time()
             db = self._pruned_database(model, batches, engine, db, best, r)
@@ -147,12 +148,13 @@ class Search(Allocator):
             seeds = list(self.candidates) if self.shape == "uniform" else \
                 [best, error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
             t3 = time.time()
-            best = self._run(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r)
+            names = names if self.shape == "uniform" else [f"round {r - 1}", "error", "relative_error"]
+            best, kept = self._run(fitness, budget, seeds, names, stage_batches, rng, trajectory, run_dir, r)
             rounds.append({"database_seconds": round(t3 - t2, 2), "carried_fitness": carried,
-                           "best_fitness": float(fitness(best))})
+                           "best_fitness": float(fitness(best)), "kept": kept})
         plan = to_plan(db, best, target, adjust=self.shape == "free")
-        self.summary = {"searcher": "exhaustive" if self.shape == "uniform" else self.searcher, "shape": self.shape, "fitness_kind": self.fitness_kind, "mutations": self.mutations,
-                        "resample": self.resample, "evaluations": fitness.evaluations,
+        self.summary = {"searcher": "exhaustive" if self.shape == "uniform" else self.searcher, "shape": self.shape,
+                        "fitness_kind": self.fitness_kind, "mutations": self.mutations, "resample": self.resample, "evaluations": fitness.evaluations,
                         "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
@@ -166,9 +168,17 @@ class Search(Allocator):
             self.summary["candidates"] = self.scored
         return self.check_met(plan, views, "lower allocator.ratio or widen the layer range")
 
-    def _run(self, fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r) -> np.ndarray:
-        if self.shape == "uniform":             # every shape on the last stage's windows
-            values = [fitness(c, stage_batches[-1]) for c in seeds]
+    def _run(self, fitness, budget, seeds, names, stage_batches, rng, trajectory, run_dir, r) -> tuple[np.ndarray, str]:
+        """One round's search, its result then checked against the seeds on every fitness window (the
+        stages see a few windows each): (the better levels, "search" or the name of the seed kept)."""
+        found = self._searcher(fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r)
+        values = [fitness(c) for c in (found, *seeds)]
+        i = int(np.argmin(values))                       # ties go to the search's result
+        return (found, "search") if i == 0 else (seeds[i - 1].copy(), names[i - 1])
+
+    def _searcher(self, fitness, budget, seeds, stage_batches, rng, trajectory, run_dir, r) -> np.ndarray:
+        if self.shape == "uniform":             # every shape on every fitness window
+            values = [fitness(c) for c in seeds]
             self.scored = [{"attn": int(budget.parts[0].removed(int(c[0]))), "mlp": int(budget.parts[1].removed(int(c[1]))),
                             "fitness": float(v)} for c, v in zip(seeds, values)]
             trajectory.append((fitness.evaluations, fitness.tokens, float(min(values))))
