@@ -81,7 +81,7 @@ def render(model: str, rows: dict) -> str:
                      f"{s.get('tokens_evaluated', '')} | {s.get('database_seconds', '')} | {s.get('search_seconds', '')} | "
                      f"{t.get('reconstruct', '')} | {t.get('total', '')} |")
     lines += ["", "Commands:", ""] + [f"- {name}: `{r['command']}`" for name, r in rows.items()]
-    shapes = [(n, r["search"]) for n, r in rows.items() if "search" in r]
+    shapes = [(n, r["search"]) for n, r in rows.items() if "levels" in r.get("search", {})]
     if shapes:
         lines += ["", "Chosen shapes (units removed per layer; the global seed in brackets):", ""]
         for n, s in shapes:
