@@ -131,7 +131,7 @@ class Search(Allocator):
             reference = counts_of(UniformShape(self.ratio, self.multiple_of, 0)(scores, views), parts)
         else:
             seeds = [snap(Global(self.ratio, self.remove_empty_layers, self.layer_start, self.layer_end,
-                                       self.multiple_of)(scores, views), budget, rng),
+                                 self.multiple_of)(scores, views), budget, rng),
                      budget.repair(budget.project((budget.top > 0).astype(float)), rng),
                      error_seed(db, budget, False, rng), error_seed(db, budget, True, rng)]
             seed_values = [fitness(s) for s in seeds]
@@ -154,8 +154,8 @@ class Search(Allocator):
                            "best_fitness": float(fitness(best)), "kept": kept})
         plan = to_plan(db, best, target, adjust=self.shape == "free")
         self.summary = {"searcher": "exhaustive" if self.shape == "uniform" else self.searcher, "shape": self.shape,
-                        "fitness_kind": self.fitness_kind, "mutations": self.mutations, "resample": self.resample, "evaluations": fitness.evaluations,
-                        "tokens_evaluated": fitness.tokens,
+                        "fitness_kind": self.fitness_kind, "mutations": self.mutations, "resample": self.resample,
+                        "evaluations": fitness.evaluations, "tokens_evaluated": fitness.tokens,
                         "decoder_layers_run": fitness.layers_run, "database_seconds": round(t1 - t0, 2),
                         "search_seconds": round(time.time() - t1, 2), "database_bytes": db.nbytes,
                         "database": self.database, "rounds": rounds,
