@@ -64,12 +64,9 @@ class PlanRefit(LayerMethod):
             b = lin.bias.double() if lin.bias is not None else torch.zeros_like(w[:, 0])
             w = torch.cat([w, b[:, None]], 1)
         if self.mode == "obs":
-            hinv = refit.ridge_inverse(g, self.damp)        # one factorisation: the full refit and the OBS
-            full = (wc if drift is None else wc + drift.double()) @ hinv
             block = self.obs_block or max(1, math.ceil(len(units) / AUTO_STEPS))
-            units, _ = refit.obs_select(full, g, n_blocks, width, len(units), self.damp, block,
-                                        adaptive=self.obs_block == 0, hinv=hinv)
-            del hinv, full
+            units = refit.obs_on_refit(wc, g, drift, n_blocks, width, len(units), self.damp, block,
+                                       adaptive=self.obs_block == 0)
         cut = refit.block_columns(torch.as_tensor(sorted(units), device=w.device), width)
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
         keep_mask[cut] = False

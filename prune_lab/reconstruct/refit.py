@@ -74,6 +74,15 @@ def lstsq(wc: Tensor, g: Tensor, keep: Tensor, damp: float, drift: Tensor | None
     return out
 
 
+def obs_on_refit(wc: Tensor, g: Tensor, drift: Tensor | None, n_blocks: int, width: int, k: int, damp: float,
+                 block: int, adaptive: bool) -> list[int]:
+    """The k blocks greedy structured OBS removes from the full refit W·C (G + λI)⁻¹ (with the residual
+    `drift` when given): how reconstruct=obs (and the search's pruned-path levels) choose units."""
+    hinv = ridge_inverse(g, damp)                     # one factorisation: the full refit and the OBS
+    full = (wc if drift is None else wc + drift.double()) @ hinv
+    return obs_select(full, g, n_blocks, width, k, damp, block, adaptive=adaptive, hinv=hinv)[0]
+
+
 def bias_shift(w: Tensor, keep: Tensor, mean_dense: Tensor, mean_pruned: Tensor) -> Tensor:
     """Best bias change with W_K fixed: W E[x] - W_K E[x~_K] (FLAP's W_R E[x_R] on one stream)."""
     w = w.double()

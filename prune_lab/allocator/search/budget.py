@@ -32,7 +32,7 @@ class Budget:
     def drop(self, levels: np.ndarray, i: int) -> list[int]:
         """Remove part i's layer (in place); returns both parts."""
         j = int(self.partner[i])
-        levels[i], levels[j] = self.top[i] + 1, self.top[j] + 1
+        levels[i], levels[j] = self.parts[i].drop, self.parts[j].drop
         return [int(i), j]
 
     def dropped_layers(self, levels: np.ndarray) -> list[int]:

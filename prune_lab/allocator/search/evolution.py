@@ -1,8 +1,8 @@
 """allocator.searcher=evolution: EvoPress's algorithm (Sieberling et al., ICML'25) over the level database.
 
 One parent (the better of the seeds), each generation `offspring` children by level-switch mutations
-(1..`mutations` parts one level up or layers removed, biased to few (the smaller of two uniform draws), others down until
-the parameter budget holds again: budget moves between parts), then selection in stages on growing
+(1..`mutations` parts one level up or layers removed, biased to few (the smaller of two uniform draws),
+others down until the parameter budget holds again: budget moves between parts), then selection in stages on growing
 token counts (all children on the first stage's windows, the best quarter on the next, ...); the parent
 joins the last stage (elitist) and its winner is the next parent. With `pool` (resampling), every stage
 of every generation draws its windows at random from the pool's, so the search does not fit a fixed
@@ -28,13 +28,16 @@ def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator, flips: 
         drops = budget.droppable_layers(child)
         if not len(up) + len(drops):
             break
-        pick = rng.choice(up) if not len(drops) else int(rng.integers(len(up) + len(drops)))
-        if not len(drops) or pick < len(up):
-            a = pick if not len(drops) else up[pick]
-            child[a] += 1
-            raised.append(int(a))
-        else:
-            raised += budget.drop(child, drops[pick - len(up)])
+        if not len(drops):
+            a = rng.choice(up)
+        else:                               # every raise and every removal equally likely
+            pick = int(rng.integers(len(up) + len(drops)))
+            if pick >= len(up):
+                raised += budget.drop(child, drops[pick - len(up)])
+                continue
+            a = up[pick]
+        child[a] += 1
+        raised.append(int(a))
     if raised:
         budget.repair(child, rng, keep=raised)
     return child

@@ -154,19 +154,14 @@ class LevelBuilder(LayerMethod):
                 continue
             i = self.by_key[(index, kind)]
             part = self.db.parts[i]
-            s = stats[path]
-            g, wc = s.gram.double(), s.w_cross(lin.weight)
-            energy = float(s.w_energy(lin.weight))
-            drift = None if s.resid_cross is None else s.resid_cross.double()
+            g, wc, energy = refit.augmented(stats[path], lin.weight, None, False)
+            energy, drift = float(energy), refit.augmented_drift(stats[path], False)
             k = part.removed(part.top)
             chunk = self.chunk or max(1, math.ceil(k / 64))
             if k and self.at is None:
                 order = refit.obs_select(lin.weight.double(), g, part.units, width, k, self.damp, chunk)[0]
             elif k:                              # as reconstruct=obs selects: on the full refit's weights
-                hinv = refit.ridge_inverse(g, self.damp)
-                full = (wc if drift is None else wc + drift) @ hinv
-                order = refit.obs_select(full, g, part.units, width, k, self.damp, chunk, adaptive=True, hinv=hinv)[0]
-                del hinv, full
+                order = refit.obs_on_refit(wc, g, drift, part.units, width, k, self.damp, chunk, adaptive=True)
             else:
                 order = []
             self.db.order[i] = order
