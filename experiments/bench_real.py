@@ -78,7 +78,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "25% default job + finetune=distill, teacher corrected 40 steps (40 x 4 x 256)": [
             "finetune=distill", *RECOVERY, "finetune.teacher_correction_steps=40"],
         "50% default job + finetune=lora (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=lora", *RECOVERY],
-        "50% default job + finetune=distill (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=distill", *RECOVERY]},
+        "50% default job + finetune=distill (40 x 4 x 256)": ["allocator.ratio=0.5", "finetune=distill", *RECOVERY],
+        "50% default job + finetune=distill, teacher corrected 40 steps (40 x 4 x 256)": [
+            "allocator.ratio=0.5", "finetune=distill", *RECOVERY, "finetune.teacher_correction_steps=40"]},
     "unstructured / quantized": {
         **{f"{m} {s}": [f"method={m}", *o] for m in ("sparsegpt", "wanda", "magnitude")
            for s, o in (("50%", ["method.sparsity=0.5"]), ("2:4", ["method.prune_n=2", "method.prune_m=4"]))},
