@@ -41,8 +41,8 @@ class AttentionView:
 
     @property
     def group_size(self) -> int:
-        """Query heads per KV head (the GQA ratio G)."""
-        return self.num_heads // self.num_kv_heads
+        """Query heads per KV head (the GQA ratio G); 0 for an emptied attention (no heads left)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
     @property
     def group_cost(self) -> int:
@@ -93,6 +93,7 @@ class LayerView:
     module: nn.Module
     attn: AttentionView
     mlp: MLPView
+    attn_can_empty: bool = True       # runs with 0 heads (plan.attn_blocks); not OPT's (it reshapes with -1)
 
     @property
     def num_params(self) -> int:
@@ -144,7 +145,7 @@ def layer_view(index: int, layer: nn.Module, head_dim: int) -> LayerView:
     attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.out_proj if opt else a.o_proj,
                          getattr(a, "q_norm", None), getattr(a, "k_norm", None), head_dim)
     if opt:
-        return LayerView(index, layer, attn, MLPView(layer, None, layer.fc1, layer.fc2))
+        return LayerView(index, layer, attn, MLPView(layer, None, layer.fc1, layer.fc2), attn_can_empty=False)
     m = layer.mlp
     return LayerView(index, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj))
 

@@ -1,0 +1,90 @@
+"""Emptied blocks (plan.attn_blocks / mlp_blocks): a layer loses its whole attention or its whole MLP
+and stays; the pruned model (0 heads / width 0) computes what the dense model with those blocks'
+o_proj / down_proj weights zeroed does."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import ALL_ARCHS, left_padded, lively, tiny_model, tokens
+from prune_lab.core.adapter import decoder_layers, decoder_linear_params, layer_views
+from prune_lab.core.executor import apply_plan, zero_units
+from prune_lab.core.plan import PruningPlan
+
+# 4 layers: layer 0 loses its attention, layer 2 its MLP, layer 3 both (so it goes whole), plus units
+BLOCK_PLAN = dict(attn={1: [0]}, mlp={0: [3, 4], 1: list(range(10))}, attn_blocks=[0, 3], mlp_blocks=[2, 3])
+
+
+def test_a_layer_in_both_block_lists_is_removed_whole():
+    plan = PruningPlan(**BLOCK_PLAN)
+    assert plan.layers == [3] and plan.attn_blocks == [0] and plan.mlp_blocks == [2]
+    plan = PruningPlan(attn={0: [1]}, mlp={2: [5]}, attn_blocks=[0], mlp_blocks=[2])
+    assert plan.attn == {} and plan.mlp == {}          # a block's units go with it
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_emptied_blocks_are_equivalent_on_a_padded_batch(arch, impl):
+    dense = lively(tiny_model(arch, layers=4, attn_implementation=impl))
+    views = layer_views(dense)
+    if arch == "opt":                  # OPT's attention cannot run without heads: the plan is refused
+        with pytest.raises(Exception, match="attention of layer 0 .* cannot run without heads"):
+            apply_plan(copy.deepcopy(dense), PruningPlan(**BLOCK_PLAN))
+    plan = PruningPlan(**{**BLOCK_PLAN, "attn_blocks": [3]}) if arch == "opt" else PruningPlan(**BLOCK_PLAN)
+    before = decoder_linear_params(dense)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    assert before - decoder_linear_params(pruned) == plan.params_removed(views)
+    pv = layer_views(pruned)
+    assert len(decoder_layers(pruned)) == 3
+    assert pv[0].mlp.width == 46
+    assert pv[2].mlp.width == 0 and pv[2].attn.num_kv_heads == views[2].attn.num_kv_heads
+    assert pruned.config.prune_lab["layers"][2]["mlp_width"] == 0
+    if arch != "opt":
+        assert (pv[0].attn.num_heads, pv[0].attn.num_kv_heads) == (0, 0)
+        assert pv[0].attn.module.num_key_value_groups == views[0].attn.group_size   # never 0/0
+        assert pruned.config.prune_lab["layers"][0]["q_heads"] == 0
+    zeroed = zero_units(copy.deepcopy(dense), plan)
+    batch, mask = left_padded(tokens(3, 20, seed=1), pads=[0, 5, 11])
+    with torch.no_grad():
+        a, b, c = (m(batch, attention_mask=mask).logits for m in (pruned, zeroed, dense))
+    valid = mask.bool()
+    assert (a[valid] - b[valid]).abs().max().item() < 1e-5
+    assert (a[valid] - c[valid]).abs().max().item() > 1e-2      # the blocks really went
+
+
+def test_block_plan_summary_and_csv_round_trip(tmp_path):
+    model = tiny_model("llama", layers=4)
+    views = layer_views(model)
+    plan = PruningPlan(**BLOCK_PLAN, target_params=123)
+    s = plan.summary(views)
+    assert s["attn_blocks_removed"] == [0] and s["mlp_blocks_removed"] == [2] and s["layers_removed"] == [3]
+    assert s["params_removed"] == (views[3].num_params + views[0].attn.num_params + views[2].mlp.num_params
+                                   + views[1].attn.group_cost + 12 * views[1].mlp.channel_cost)
+    plan.save(tmp_path / "plan.csv")
+    assert PruningPlan.load(tmp_path / "plan.csv") == plan
+
+
+def test_emptied_blocks_are_refused_out_of_range():
+    model = tiny_model("llama")
+    for bad in (PruningPlan(attn_blocks=[3]), PruningPlan(mlp_blocks=[-1])):
+        with pytest.raises(Exception, match="model has 3 layers"):
+            apply_plan(model, bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "opt"])
+def test_a_checkpoint_with_emptied_blocks_reloads_to_the_same_logits(arch, tmp_path):
+    from prune_lab import load_pruned
+    from prune_lab.artifacts.checkpoint import save_pruned
+    model = lively(tiny_model(arch, layers=4))
+    plan = PruningPlan(attn={1: [0]}, mlp={0: [2]}, attn_blocks=[] if arch == "opt" else [2], mlp_blocks=[1])
+    apply_plan(model, plan)
+    save_pruned(model, None, tmp_path / "ckpt")
+    reloaded = load_pruned(tmp_path / "ckpt")
+    shapes = reloaded.config.prune_lab["layers"]
+    assert shapes[1]["mlp_width"] == 0 and (arch == "opt" or shapes[2]["q_heads"] == shapes[2]["kv_heads"] == 0)
+    batch, mask = left_padded(tokens(2, 12, seed=3), pads=[0, 4])
+    with torch.no_grad():
+        a, b = (m(batch, attention_mask=mask).logits for m in (reloaded, model))
+    assert torch.equal(a, b)
