@@ -88,3 +88,29 @@ def test_a_checkpoint_with_emptied_blocks_reloads_to_the_same_logits(arch, tmp_p
     with torch.no_grad():
         a, b = (m(batch, attention_mask=mask).logits for m in (reloaded, model))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "obs", "bias"])
+def test_reconstruct_skips_an_emptied_block_and_refits_the_rest_on_its_zero_output(mode):
+    """A block with no kept unit has nothing to refit; the pruned path sees its output as zero: the refit
+    equals the one of a model whose o_proj was zeroed beforehand, with the block left out of the plan."""
+    from prune_lab.engine import Engine
+    from prune_lab.reconstruct import Reconstruct
+    batches = [tokens(2, 64, seed=s) for s in range(3)]
+    plan = PruningPlan(attn={0: [1]}, mlp={1: [0, 5, 9], 2: [3]}, attn_blocks=[1])
+    model = lively(tiny_model("llama"))
+    twin = copy.deepcopy(model)
+    layer_views(twin)[1].attn.o.weight.data.zero_()
+    engine = Engine("cpu", progress=False)
+    final, rows = Reconstruct(mode)(model, plan, batches, engine)
+    twin_final, _ = Reconstruct(mode)(twin, PruningPlan(attn=plan.attn, mlp=plan.mlp), batches, engine)
+    assert final.attn_blocks == [1] and final.mlp == twin_final.mlp and final.attn == twin_final.attn
+    assert not [r for r in rows if r["layer"] == 1 and r["kind"] == "attn"]
+    a, b = layer_views(model), layer_views(twin)
+    assert a[1].attn.o.weight.abs().sum() == 0
+    for i in range(3):
+        assert torch.allclose(a[i].mlp.down.weight, b[i].mlp.down.weight, atol=1e-6)
+    pruned = apply_plan(copy.deepcopy(model), final)
+    with torch.no_grad():
+        x = tokens(2, 16, seed=7)
+        assert (pruned(x).logits - zero_units(copy.deepcopy(model), final)(x).logits).abs().max() < 1e-5
