@@ -114,3 +114,17 @@ def test_reconstruct_skips_an_emptied_block_and_refits_the_rest_on_its_zero_outp
     with torch.no_grad():
         x = tokens(2, 16, seed=7)
         assert (pruned(x).logits - zero_units(copy.deepcopy(model), final)(x).logits).abs().max() < 1e-5
+
+
+def test_gptq_over_a_model_with_emptied_blocks_quantizes_every_other_linear():
+    """quant=uniform after pruning: an emptied block's linears (0 rows / 0 columns) have nothing to sweep."""
+    from prune_lab.engine import walk
+    from prune_lab.method import SparseGPT
+    from prune_lab.quant import Uniform
+    model = apply_plan(lively(tiny_model("llama", intermediate=64)), PruningPlan(attn_blocks=[1], mlp_blocks=[2]))
+    method = SparseGPT(prune_n=0, prune_m=0, blocksize=16).with_quant(Uniform(4, group_size=16))
+    walk(model, [tokens(4, 32, seed=s) for s in range(2)], method, progress=False)
+    grids = method.grids_by_name()
+    assert "model.layers.1.self_attn.q_proj.weight" not in grids and "model.layers.2.mlp.down_proj.weight" not in grids
+    assert "model.layers.1.mlp.down_proj.weight" in grids and "model.layers.2.self_attn.o_proj.weight" in grids
+    assert len(grids) == 3 * 7 - 4 - 3

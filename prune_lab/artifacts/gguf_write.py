@@ -165,8 +165,9 @@ def export_gguf(model: nn.Module, tokenizer, path, kind: str = "f16", grids: dic
     lay = layout(model)
     config, arch, grids = model.config, lay["arch"], grids or {}
     if kind in GRID_TYPES:
-        missing = [f"model.layers.{v.index}.{p}.weight" for v in layer_views(model)
-                   for p in ("self_attn.q_proj", "mlp.down_proj") if f"model.layers.{v.index}.{p}.weight" not in grids]
+        missing = [f"model.layers.{v.index}.{p}.weight" for v in layer_views(model)   # attention-free: no q_proj
+                   for p in ("self_attn.q_proj", "mlp.down_proj")[0 if v.attn.num_heads else 1:]
+                   if f"model.layers.{v.index}.{p}.weight" not in grids]
         if missing:
             raise PruneLabError(f"output.gguf_type={kind}: {missing[0]} has no 4-bit grid to write exactly "
                                 f"(quantize with quant=uniform, or choose f32|f16|bf16|q8_0)")
