@@ -4,6 +4,7 @@ o_proj / down_proj weights zeroed does."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -128,3 +129,25 @@ def test_gptq_over_a_model_with_emptied_blocks_quantizes_every_other_linear():
     assert "model.layers.1.self_attn.q_proj.weight" not in grids and "model.layers.2.mlp.down_proj.weight" not in grids
     assert "model.layers.1.mlp.down_proj.weight" in grids and "model.layers.2.self_attn.o_proj.weight" in grids
     assert len(grids) == 3 * 7 - 4 - 3
+
+
+def test_a_saved_model_with_emptied_blocks_evaluates_in_a_job_and_refuses_pruning_again(tmp_path):
+    from conftest import TINY, compose_job, run_cli, tiny_overrides
+    from prune_lab.artifacts.checkpoint import save_pruned
+    from prune_lab.errors import PruneLabError
+    from prune_lab.model import RandomModel
+    from prune_lab.recipes import run
+    tiny = [o for o in tiny_overrides("llama", tmp_path) if not o.startswith("model")] + ["output.plots=false"]
+    loader = RandomModel(**TINY["llama"], num_hidden_layers=3, intermediate_size=48, device="cpu")
+    model, tokenizer = loader.load()
+    apply_plan(model, PruningPlan(mlp={0: [1]}, attn_blocks=[1], mlp_blocks=[2]))
+    save_pruned(model, tokenizer, tmp_path / "ckpt")
+    job = [*tiny, "model=pruned", f"model.path={tmp_path / 'ckpt'}"]
+    run(compose_job(*job, "allocator.ratio=0"), tmp_path / "eval")
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["model"]["dense"]["num_layers"] == 3
+    with pytest.raises(PruneLabError, match=r"layers \[1, 2\] of this model have no attention or no MLP"):
+        run(compose_job(*job, "allocator.ratio=0.2"), tmp_path / "again")
+    proc = run_cli(*job, "allocator.ratio=0.2", run_dir=tmp_path / "cli", cache=tmp_path / "cache")
+    errors = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert proc.returncode == 2 and len(errors) == 1 and "pruning it again is not supported" in errors[0], errors

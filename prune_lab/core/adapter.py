@@ -179,6 +179,16 @@ def layer_shapes(model: nn.Module) -> list[dict]:
     ]
 
 
+def refuse_emptied(views: list[LayerView], scoring: bool) -> None:
+    """Scoring (and so pruning again) a model whose layers lost a whole block (plan.attn_blocks / mlp_blocks:
+    0 heads or MLP width 0): not supported, one line; evaluating, quantizing or recovering it is."""
+    emptied = [v.index for v in views if not (v.attn.num_kv_heads and v.mlp.width)]
+    if emptied and scoring:
+        raise PruneLabError(f"layers {emptied} of this model have no attention or no MLP (a plan's attn_blocks / "
+                            f"mlp_blocks): scoring or pruning it again is not supported, only evaluating it "
+                            f"(allocator.ratio=0)")
+
+
 def added_biases(model: nn.Module) -> list[str]:
     """Linears that carry a bias their architecture does not build (reconstruct=bias adds them)."""
     names = []
