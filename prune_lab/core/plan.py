@@ -62,7 +62,7 @@ class PruningPlan:
                 raise PruneLabError(f"plan has bad KV-group indices for layer {i} ({nkv} groups)")
             if len(idx) == nkv:
                 raise PruneLabError(f"plan empties the attention of layer {i} without removing the layer or "
-                                 f"naming it in attn_blocks")
+                                    f"naming it in attn_blocks")
         for i, idx in self.mlp.items():
             w = views[i].mlp.width
             if len(set(idx)) != len(idx) or idx[-1] >= w or idx[0] < 0:
