@@ -1,5 +1,6 @@
 """output.export=gguf run by llama.cpp itself (llama-cpp-python): the exported file's logits equal prune_lab's
-within fp16 tolerance, for uniform and per-layer (deci) shapes with a removed layer, on every architecture
+within fp16 tolerance, for uniform and per-layer (deci) shapes with a removed layer (and an attention-free
+layer, plan.attn_blocks), on every architecture
 llama.cpp can express; on lab-llama llama.cpp also tokenizes text as prune_lab does.
 
 llama-cpp-python compiles llama.cpp at install (`make llama-cpp`; .ci/run installs it best effort): where it
@@ -54,6 +55,20 @@ def test_llama_cpp_runs_the_export_with_prune_labs_logits(arch, variant, tokeniz
     model = apply_plan(lively(RandomModel(**shape, device="cpu").build()).eval(), PLANS[variant])
     info = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
     assert info["architecture"] == ("deci" if variant == "per-layer" else "qwen3" if arch == "qwen3" else "llama")
+    ids = torch.randint(0, 8192, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    close(ours, llama_cpp_logits(tmp_path / "m.gguf", ids), RTOL["f16"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_runs_an_attention_free_layer_with_prune_labs_logits(arch, tokenizer, tmp_path):
+    """plan.attn_blocks: deci's attention-free layer (head_count 0, no attention tensors)."""
+    shape = dict(TINY[arch], num_key_value_heads=KV[arch], num_hidden_layers=4, intermediate_size=48)
+    plan = PruningPlan(attn={0: [1]}, mlp={1: [2, 3]}, attn_blocks=[2])
+    model = apply_plan(lively(RandomModel(**shape, device="cpu").build()).eval(), plan)
+    info = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert info["architecture"] == "deci" and info["head_count"][2] == 0
     ids = torch.randint(0, 8192, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]

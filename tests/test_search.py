@@ -323,7 +323,10 @@ def test_a_removed_layers_fitness_is_the_kl_of_the_model_without_that_layer(arch
     views, parts, db = droppable_database(model, batches)
     budget = Budget(parts, 0)
     levels = np.zeros(len(parts), dtype=int)
-    assert budget.drop(levels, 2) == [2, 3] and budget.dropped_layers(levels) == [1]
+    assert budget.drop(levels, 2) == [2] and budget.dropped_layers(levels) == []
+    assert budget.dropped_blocks(levels, "attn") == [1] and budget.dropped_blocks(levels, "mlp") == []
+    assert budget.drop(levels, 3) == [3] and budget.dropped_layers(levels) == [1]
+    assert budget.dropped_blocks(levels, "attn") == budget.dropped_blocks(levels, "mlp") == []
     assert db.parts[2].removed(levels[2]) == db.parts[2].units and len(db.weights[2]) == parts[2].top + 2
     got = Fitness(model, db, batches, "kl")(levels)
     short = apply_plan(copy.deepcopy(model), PruningPlan(layers=[1]))     # the layer deleted, a slow reference
@@ -335,7 +338,7 @@ def test_a_removed_layers_fitness_is_the_kl_of_the_model_without_that_layer(arch
     assert plan.layers == [1] and 1 not in plan.attn and 1 not in plan.mlp
 
 
-def test_mutations_remove_whole_layers_and_repairs_never_split_one():
+def test_mutations_remove_single_parts_and_repairs_bring_one_back_at_its_top_level():
     from prune_lab.allocator.search.evolution import mutate
     model = tiny_model("llama", intermediate=32)
     views = layer_views(model)
@@ -343,17 +346,99 @@ def test_mutations_remove_whole_layers_and_repairs_never_split_one():
     budget = Budget(parts, int(0.45 * sum(v.num_params for v in views)))
     rng = np.random.default_rng(0)
     parent = budget.repair(budget.project(np.ones(len(parts))), rng)
-    drops = 0
+    seen = {"attn": 0, "mlp": 0, "layer": 0}
+    for _ in range(300):
+        child = mutate(parent, budget, rng, 2)
+        assert budget.feasible(child) and (child <= budget.top + 1).all()
+        gone = child > budget.top
+        seen["attn"] += bool((gone[0::2] & ~gone[1::2]).any())     # attention only
+        seen["mlp"] += bool((gone[1::2] & ~gone[0::2]).any())      # MLP only
+        seen["layer"] += bool((gone[0::2] & gone[1::2]).any())
+        parent = child if rng.random() < 0.5 else parent
+    assert min(seen.values()) > 0, seen
+    levels = budget.top.copy()
+    budget.drop(levels, 0)
+    budget.drop(levels, 1)
+    budget.restore(levels, 1)                                      # the MLP back, the attention still gone
+    assert levels[0] == parts[0].drop and levels[1] == budget.top[1]
+    no_drop = Budget(ladder(views, 0.125, 1, np.ones(len(views), dtype=bool)), budget.target)
+    assert not len(no_drop.droppable_parts(np.zeros(len(parts), dtype=int)))
+
+
+def test_an_attention_that_cannot_run_without_heads_goes_only_with_its_layer():
+    from prune_lab.allocator.search.evolution import mutate
+    model = tiny_model("opt", intermediate=32)
+    views = layer_views(model)
+    parts = ladder(views, 0.125, 1, np.ones(len(views), dtype=bool), droppable=True)
+    assert [p.alone for p in parts[:2]] == [False, True]
+    budget = Budget(parts, int(0.45 * sum(v.num_params for v in views)))
+    levels = np.zeros(len(parts), dtype=int)
+    assert budget.drop(levels, 0) == [0, 1]                        # OPT's attention takes its MLP along
+    budget.restore(levels, 1)
+    assert (levels[:2] == budget.top[:2]).all()                    # and comes back with it
+    rng = np.random.default_rng(1)
+    parent = budget.repair(budget.project(np.ones(len(parts))), rng)
     for _ in range(200):
         child = mutate(parent, budget, rng, 2)
-        assert budget.feasible(child)
         gone = child > budget.top
-        assert (gone[0::2] == gone[1::2]).all()                     # attention and MLP of a layer go together
-        drops += bool(gone.any())
+        assert not (gone[0::2] & ~gone[1::2]).any()                # never an attention alone
         parent = child if rng.random() < 0.5 else parent
-    assert drops > 0
-    no_drop = Budget(ladder(views, 0.125, 1, np.ones(len(views), dtype=bool)), budget.target)
-    assert not len(no_drop.droppable_layers(np.zeros(len(parts), dtype=int)))
+
+
+def test_a_dropped_attentions_fitness_is_the_kl_of_the_model_with_that_block_emptied():
+    import copy
+    import torch.nn.functional as F
+
+    from prune_lab.core.executor import apply_plan
+    from prune_lab.core.plan import PruningPlan
+    model = tiny_model("llama", intermediate=32)
+    batches = [tokens(2, 32, seed=s) for s in range(2)]
+    views, parts, db = droppable_database(model, batches)
+    budget = Budget(parts, 0)
+    levels = np.zeros(len(parts), dtype=int)
+    budget.drop(levels, 2)                                         # layer 1's attention
+    budget.drop(levels, 5)                                         # layer 2's MLP
+    got = Fitness(model, db, batches, "kl")(levels)
+    plan = to_plan(db, levels, views[1].attn.num_params + views[2].mlp.num_params)
+    assert plan.attn_blocks == [1] and plan.mlp_blocks == [2] and not plan.layers and not plan.attn and not plan.mlp
+    short = apply_plan(copy.deepcopy(model), plan)                 # 0 heads / width 0, a slow reference
+    with torch.no_grad():
+        ref = sum(float(F.kl_div(F.log_softmax(short(b).logits.float(), -1), F.log_softmax(model(b).logits.float(), -1),
+                                 log_target=True, reduction="sum")) for b in batches) / sum(b.numel() for b in batches)
+    assert got == pytest.approx(ref, rel=1e-4) and ref > 1e-4
+
+
+def test_a_search_that_empties_an_attention_runs_end_to_end_deterministically(tmp_path, monkeypatch):
+    """remove_empty_layers=true with a fitness that rewards layer 1 without attention (its MLP kept): the
+    job's plan empties that attention only, reconstructs, verifies, saves and reloads to the same logits."""
+    from prune_lab import load_pruned
+    from prune_lab.allocator import search as search_module
+    from prune_lab.core.plan import PruningPlan
+
+    class Rewarding(search_module.Fitness):
+        def __call__(self, levels, which=None):
+            attn, mlp = self.db.parts[2], self.db.parts[3]
+            bonus = 10.0 if levels[2] > attn.top and levels[3] <= mlp.top else 0.0
+            return super().__call__(levels, which) - bonus
+
+    monkeypatch.setattr(search_module, "Fitness", Rewarding)
+    extra = [*SMALL, "allocator.remove_empty_layers=true", "allocator.generations=8", "allocator.offspring=8",
+             "cache.enabled=false", "verify=true", "output.save_model=true"]
+    run(text_job(tmp_path, *extra), tmp_path / "a")
+    run(text_job(tmp_path, *extra), tmp_path / "b")
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert a["status"] == "ok" and a["verify"]["passed"]
+    assert (tmp_path / "a" / "plan.csv").read_text() == (tmp_path / "b" / "plan.csv").read_text()
+    assert a["search"]["attn_blocks_removed"] == [1] and 1 not in a["search"]["layers_removed"]
+    assert a["plan"]["attn_blocks_removed"] == [1] and 1 not in a["plan"]["mlp_blocks_removed"]
+    plan = PruningPlan.load(tmp_path / "a" / "plan.csv")
+    assert plan.attn_blocks == [1] and 1 not in plan.attn
+    channel = 3 * 64
+    assert abs(a["plan"]["params_removed"] - a["plan"]["target_params"]) <= channel / 2
+    layers = json.loads((tmp_path / "a" / "layers.json").read_text())["layers"]
+    assert layers[1]["attn_removed"] and layers[1]["attn_rate"] == 1.0 and not layers[1]["removed"]
+    reloaded = load_pruned(tmp_path / "a" / "model")
+    assert reloaded.config.prune_lab["layers"][1]["q_heads"] == 0
 
 
 def test_a_search_result_worse_than_a_seed_on_every_fitness_window_gives_way_to_the_seed(monkeypatch):

@@ -87,7 +87,8 @@ def align_plan(plan: PruningPlan, scores: UnitScores, views: list[LayerView], mu
         return plan
     check_alignment(views, multiple_of)
     tracks = tracks_of(plan, scores, views, multiple_of)
-    removed_layers = sum(views[i].num_params for i in plan.layers)
+    whole = PruningPlan(layers=plan.layers, attn_blocks=plan.attn_blocks, mlp_blocks=plan.mlp_blocks)
+    removed_layers = whole.params_removed(views)       # whole layers and emptied blocks: nothing to align
     base = {(t.layer, t.kind): t for t in tracks}
 
     def removed() -> int:
@@ -109,4 +110,4 @@ def align_plan(plan: PruningPlan, scores: UnitScores, views: list[LayerView], mu
         base[max(moves)[1]].pos += 1
     attn = {t.layer: lowest(scores.attn[t.layer], t.allowed[-1] - t.count) for t in tracks if t.kind == "attn"}
     mlp = {t.layer: lowest(scores.mlp[t.layer], t.allowed[-1] - t.count) for t in tracks if t.kind == "mlp"}
-    return PruningPlan(attn, mlp, plan.layers, target)
+    return PruningPlan(attn, mlp, plan.layers, target, plan.attn_blocks, plan.mlp_blocks)

@@ -128,10 +128,13 @@ def read_config(path: Path):
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
         raise CheckpointError(f"{path / CONFIG} has no prune_lab manifest: load it with model=hf")
     keys = {"q_heads", "kv_heads", "mlp_width"}
+    # an emptied attention (plan.attn_blocks) has 0 query and 0 KV heads, an emptied MLP width 0
     if not manifest["layers"] or any(not isinstance(s, dict) or set(s) != keys or
-                                     not all(isinstance(s[k], int) and s[k] > 0 for k in keys)
+                                     not all(isinstance(s[k], int) and s[k] >= 0 for k in keys) or
+                                     (s["q_heads"] == 0) != (s["kv_heads"] == 0)
                                      for s in manifest["layers"]):
-        raise CheckpointError(f"{path / CONFIG}: malformed manifest (each layer needs positive {sorted(keys)})")
+        raise CheckpointError(f"{path / CONFIG}: malformed manifest (each layer needs {sorted(keys)} >= 0, "
+                              f"q_heads and kv_heads both 0 or both positive)")
     return config, manifest
 
 

@@ -6,12 +6,15 @@ Which llama.cpp architecture (facts from llama.cpp's src/models/*.cpp and llama-
   whose query heads were pruned is written as `llama` (which reads the optional q/k/v biases too).
 * layers that differ (Llama, Mistral, Qwen2): `deci`, whose loader reads head_count, head_count_kv and
   feed_forward_length as per-layer arrays and builds every layer with its own widths (q/k/v biases
-  optional, as in every llama.cpp architecture that builds q/k/v through create_tensor_qkv). deci would
-  also take a layer without attention (head_count 0; head_count_kv 0 with heads > 0 is Nemotron's "linear
-  attention") or without MLP (feed_forward_length 0 - but then it drops the layer's attention output
-  too), and takes the head size from layer 0; prune_lab never empties a layer part (a plan removes the
-  whole layer instead, core/plan.py), so every written layer has both. Qwen3's per-head q/k norms exist
-  in no per-layer architecture: refused.
+  optional, as in every llama.cpp architecture that builds q/k/v through create_tensor_qkv). A layer
+  whose attention a plan emptied (plan.attn_blocks) is deci's attention-free layer: head_count and
+  head_count_kv 0, no attn_norm / q / k / v / o tensors (the loader creates none), the graph passes the
+  layer input straight to the FFN (x + FFN(ffn_norm(x)), what transformers computes with 0 heads);
+  refused when layer 0 is one (llama.cpp reads the head size only when layer 0 has heads) or its o_proj
+  has a bias (deci drops it). A layer without MLP (plan.mlp_blocks, feed_forward_length 0) is refused:
+  deci then skips the rest of the layer and drops its attention output too (src/models/deci.cpp,
+  `if (n_ff == 0) continue;` before the layer's output is kept). Qwen3's per-head q/k norms exist in no
+  per-layer architecture: refused.
 * llama and deci rotate consecutive pairs (LLAMA_ROPE_TYPE_NORM), transformers rotates halves: q/k rows
   (and biases, and a quantized row's grid) are permuted per head as llama.cpp's convert script does;
   qwen2/qwen3 use NEOX rope, the HF order.
@@ -87,12 +90,22 @@ def layout(model: nn.Module) -> dict:
                             "with per-layer widths (deci) has no q/k norms: use allocator=uniform_shape")
     else:
         arch = "deci"
-    empty = [i for i, s in enumerate(shapes) if not min(s.values())]
-    if empty:
-        raise PruneLabError(f"output.export=gguf: layers {empty} have no attention or no MLP, which llama.cpp's "
-                            f"architectures do not build as prune_lab computes them: remove those layers")
+    no_mlp = [i for i, s in enumerate(shapes) if not s["mlp_width"]]
+    if no_mlp:
+        raise PruneLabError(f"output.export=gguf: layers {no_mlp} have no MLP, and llama.cpp's deci drops such a "
+                            f"layer's attention output too (feed_forward_length 0): remove those layers whole "
+                            f"or use output.save_model=true")
+    no_attn = [i for i, s in enumerate(shapes) if not s["q_heads"]]
+    if 0 in no_attn:
+        raise PruneLabError("output.export=gguf: layer 0 has no attention, and llama.cpp reads the head size "
+                            "only from a layer 0 with heads: use output.save_model=true")
+    views = layer_views(model)
+    biased = [i for i in no_attn if views[i].attn.o.bias is not None]
+    if biased:
+        raise PruneLabError(f"output.export=gguf: layers {biased} have no attention but an o_proj bias, which "
+                            f"llama.cpp's attention-free deci layer drops: use output.save_model=true")
     if arch in ("qwen2", "qwen3") and any(v.attn.o.bias is not None or v.mlp.down.bias is not None
-                                          for v in layer_views(model)):
+                                          for v in views):
         raise PruneLabError(f"output.export=gguf: llama.cpp's {arch} reads no o_proj/down_proj biases")
     return {"arch": arch, "head_dim": hd, "q_heads": [s["q_heads"] for s in shapes],
             "kv_heads": [s["kv_heads"] for s in shapes], "mlp_width": [s["mlp_width"] for s in shapes]}
@@ -106,17 +119,20 @@ def permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def layer_tensors(view, i: int) -> dict[str, torch.Tensor]:
-    """The HF-named tensors of layer i (norms, projections and their biases, q/k norms)."""
+    """The HF-named tensors of layer i (norms, projections and their biases, q/k norms); an attention-free
+    layer (0 heads) has no attention tensors and no attention norm."""
     layer, a, m = view.module, view.attn, view.mlp
     prefix = f"model.layers.{i}"
-    out = {f"{prefix}.input_layernorm.weight": layer.input_layernorm.weight}
+    out = {}
     linears = (("self_attn.q_proj", a.q), ("self_attn.k_proj", a.k), ("self_attn.v_proj", a.v),
                ("self_attn.o_proj", a.o), ("mlp.gate_proj", m.gate), ("mlp.up_proj", m.up), ("mlp.down_proj", m.down))
-    for short, lin in linears[:4]:
-        out |= {f"{prefix}.{short}.{k}": getattr(lin, k) for k in ("weight", "bias") if getattr(lin, k) is not None}
-    for short, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):
-        if norm is not None:
-            out[f"{prefix}.self_attn.{short}.weight"] = norm.weight
+    if a.num_heads:
+        out[f"{prefix}.input_layernorm.weight"] = layer.input_layernorm.weight
+        for short, lin in linears[:4]:
+            out |= {f"{prefix}.{short}.{k}": getattr(lin, k) for k in ("weight", "bias") if getattr(lin, k) is not None}
+        for short, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):
+            if norm is not None:
+                out[f"{prefix}.self_attn.{short}.weight"] = norm.weight
     out[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
     for short, lin in linears[4:]:
         out |= {f"{prefix}.{short}.{k}": getattr(lin, k) for k in ("weight", "bias") if getattr(lin, k) is not None}
@@ -149,8 +165,9 @@ def export_gguf(model: nn.Module, tokenizer, path, kind: str = "f16", grids: dic
     lay = layout(model)
     config, arch, grids = model.config, lay["arch"], grids or {}
     if kind in GRID_TYPES:
-        missing = [f"model.layers.{v.index}.{p}.weight" for v in layer_views(model)
-                   for p in ("self_attn.q_proj", "mlp.down_proj") if f"model.layers.{v.index}.{p}.weight" not in grids]
+        missing = [f"model.layers.{v.index}.{p}.weight" for v in layer_views(model)   # attention-free: no q_proj
+                   for p in ("self_attn.q_proj", "mlp.down_proj")[0 if v.attn.num_heads else 1:]
+                   if f"model.layers.{v.index}.{p}.weight" not in grids]
         if missing:
             raise PruneLabError(f"output.gguf_type={kind}: {missing[0]} has no 4-bit grid to write exactly "
                                 f"(quantize with quant=uniform, or choose f32|f16|bf16|q8_0)")

@@ -40,12 +40,13 @@ class UnitLayout:
     def __init__(self, plan, scores):
         self.n_layers = len(scores.attn)
         self.removed_layers = set(plan.layers)
-        self.attn = [self._mask(len(scores.attn[i]), plan.attn.get(i), i) for i in range(self.n_layers)]
-        self.mlp = [self._mask(len(scores.mlp[i]), plan.mlp.get(i), i) for i in range(self.n_layers)]
+        n = range(self.n_layers)
+        self.attn = [self._mask(len(scores.attn[i]), plan.attn.get(i), i, plan.attn_blocks) for i in n]
+        self.mlp = [self._mask(len(scores.mlp[i]), plan.mlp.get(i), i, plan.mlp_blocks) for i in n]
 
-    def _mask(self, width: int, removed: list[int] | None, layer: int) -> np.ndarray:
+    def _mask(self, width: int, removed: list[int] | None, layer: int, blocks: list[int]) -> np.ndarray:
         mask = np.zeros(width, dtype=bool)
-        if layer in self.removed_layers:
+        if layer in self.removed_layers or layer in blocks:     # the layer, or this whole block, removed
             mask[:] = True
         elif removed:
             mask[np.asarray(removed)] = True

@@ -41,8 +41,8 @@ class AttentionView:
 
     @property
     def group_size(self) -> int:
-        """Query heads per KV head (the GQA ratio G)."""
-        return self.num_heads // self.num_kv_heads
+        """Query heads per KV head (the GQA ratio G); 0 for an emptied attention (no heads left)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
     @property
     def group_cost(self) -> int:
@@ -93,6 +93,7 @@ class LayerView:
     module: nn.Module
     attn: AttentionView
     mlp: MLPView
+    attn_can_empty: bool = True       # runs with 0 heads (plan.attn_blocks); not OPT's (it reshapes with -1)
 
     @property
     def num_params(self) -> int:
@@ -144,7 +145,7 @@ def layer_view(index: int, layer: nn.Module, head_dim: int) -> LayerView:
     attn = AttentionView(a, a.q_proj, a.k_proj, a.v_proj, a.out_proj if opt else a.o_proj,
                          getattr(a, "q_norm", None), getattr(a, "k_norm", None), head_dim)
     if opt:
-        return LayerView(index, layer, attn, MLPView(layer, None, layer.fc1, layer.fc2))
+        return LayerView(index, layer, attn, MLPView(layer, None, layer.fc1, layer.fc2), attn_can_empty=False)
     m = layer.mlp
     return LayerView(index, layer, attn, MLPView(m, m.gate_proj, m.up_proj, m.down_proj))
 
@@ -176,6 +177,16 @@ def layer_shapes(model: nn.Module) -> list[dict]:
         {"q_heads": v.attn.num_heads, "kv_heads": v.attn.num_kv_heads, "mlp_width": v.mlp.width}
         for v in layer_views(model)
     ]
+
+
+def refuse_emptied(views: list[LayerView], scoring: bool) -> None:
+    """Scoring (and so pruning again) a model whose layers lost a whole block (plan.attn_blocks / mlp_blocks:
+    0 heads or MLP width 0): not supported, one line; evaluating, quantizing or recovering it is."""
+    emptied = [v.index for v in views if not (v.attn.num_kv_heads and v.mlp.width)]
+    if emptied and scoring:
+        raise PruneLabError(f"layers {emptied} of this model have no attention or no MLP (a plan's attn_blocks / "
+                            f"mlp_blocks): scoring or pruning it again is not supported, only evaluating it "
+                            f"(allocator.ratio=0)")
 
 
 def added_biases(model: nn.Module) -> list[str]:

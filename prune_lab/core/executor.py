@@ -49,7 +49,8 @@ def prune_attention(view: AttentionView, removed_groups: list[int]) -> None:
     _slice_linear(view.v, rows=kv_rows)
     _slice_linear(view.o, cols=q_rows)
     module = view.module
-    module.num_key_value_groups = g        # read by eager / padded attention paths
+    if g:                                  # read by eager / padded attention paths; an emptied attention
+        module.num_key_value_groups = g    # (0 heads, plan.attn_blocks) keeps its ratio: never 0/0
     for attr, value in (("num_heads", view.num_heads), ("num_key_value_heads", view.num_kv_heads)):
         if hasattr(module, attr):
             setattr(module, attr, value)
@@ -103,6 +104,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         prune_attention(views[i].attn, groups)
     for i, channels in plan.mlp.items():
         prune_mlp(views[i].mlp, channels)
+    for i in plan.attn_blocks:             # the whole attention: 0 heads (the o_proj bias, if any, stays)
+        prune_attention(views[i].attn, list(range(views[i].attn.num_kv_heads)))
+    for i in plan.mlp_blocks:              # the whole MLP: width 0
+        prune_mlp(views[i].mlp, list(range(views[i].mlp.width)))
     remove_layers(model, plan.layers)
     record_manifest(model, plan)
     return model
@@ -120,6 +125,10 @@ def zero_units(model: nn.Module, plan: PruningPlan) -> nn.Module:
         a.o.weight[:, head_rows(torch.as_tensor(groups), a.group_size * a.head_dim)] = 0
     for i, channels in plan.mlp.items():
         views[i].mlp.down.weight[:, torch.as_tensor(channels)] = 0
+    for i in plan.attn_blocks:             # every unit of the block: its weight, not its bias
+        views[i].attn.o.weight.zero_()
+    for i in plan.mlp_blocks:
+        views[i].mlp.down.weight.zero_()
     for i in plan.layers:
         for lin in (views[i].attn.o, views[i].mlp.down):
             lin.weight.zero_()

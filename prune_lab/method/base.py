@@ -92,8 +92,9 @@ class Unstructured(LayerMethod):
 
     def stages(self, view: LayerView) -> list[list[str]]:
         """All linears of a layer from one calibration pass (as SparseGPT / llm-compressor), or the
-        GPTQ true-sequential order (q/k/v, o, gate/up, down) with true_sequential=true."""
-        paths = list(view_linears(view))
+        GPTQ true-sequential order (q/k/v, o, gate/up, down) with true_sequential=true. The linears of an
+        emptied block (plan.attn_blocks / mlp_blocks: 0 rows or 0 columns) have nothing to sweep: left out."""
+        paths = [p for p, lin in view_linears(view).items() if lin.weight.numel()]
         if not self.true_sequential:
             return [paths]
         return [[p for p in group if p in paths] for group in TRUE_SEQUENTIAL if any(p in paths for p in group)]

@@ -22,7 +22,7 @@ from ..artifacts.scores import save_scores
 from ..artifacts.search_plots import write_search_plot
 from ..atomic import atomic_path
 from ..cache.scores import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
-from ..core.adapter import layer_shapes, layer_views
+from ..core.adapter import layer_shapes, layer_views, refuse_emptied
 from ..core.executor import apply_plan
 from ..core.plan import PruningPlan
 from ..core.verify import require_passed, verify_pruning
@@ -135,6 +135,7 @@ def build_parts(job: Job) -> Parts:
 def check_before_scoring(job: Job, parts: Parts, views) -> None:
     """What depends on the model's shape (calibration size, alignment, layer range, what output.export=hf
     can describe) fails before scoring."""
+    refuse_emptied(views, scoring=parts.wants_units or parts.wants_layers)
     if parts.wants_layers:
         job.check_calibration(parts.layer_importance.n_samples)
     if parts.slices_units:
@@ -178,8 +179,7 @@ def score(job: Job, parts: Parts):
             key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
                             layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
             layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
-                key, lambda: parts.layer_importance(job.model, layer_batches),
-                enabled=parts.layer_importance.cacheable)
+                key, lambda: parts.layer_importance(job.model, layer_batches), enabled=parts.layer_importance.cacheable)
             origin |= parts.layer_importance.origin(tokens)
     if cfg.output.save_scores:
         save_scores(job.run_dir / "scores.safetensors", scores, layer_scores, origin)

@@ -92,7 +92,8 @@ class PlanRefit(LayerMethod):
         return row
 
     def final_plan(self) -> PruningPlan:
-        return PruningPlan(self.removed["attn"], self.removed["mlp"], self.plan.layers, self.plan.target_params)
+        return PruningPlan(self.removed["attn"], self.removed["mlp"], self.plan.layers, self.plan.target_params,
+                           self.plan.attn_blocks, self.plan.mlp_blocks)
 
 
 class Reconstruct:
@@ -135,7 +136,8 @@ class Reconstruct:
         """Refit in place (masked form) and return (the plan actually removed, per-layer error rows)."""
         if not self.enabled or not (plan.attn or plan.mlp):     # e.g. allocator=depth: whole layers only
             return plan, []
-        zero_units(model, PruningPlan(layers=plan.layers))      # removed layers are the identity
+        # removed layers are the identity, an emptied block (nothing kept to refit) gives zero on the pruned path
+        zero_units(model, PruningPlan(layers=plan.layers, attn_blocks=plan.attn_blocks, mlp_blocks=plan.mlp_blocks))
         method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_block, self.residual)
         engine.walk(model, batches, method)
         return method.final_plan(), method.rows

@@ -109,7 +109,7 @@ class SearchConf(AllocatorConf):
     database: str = "memory"                 # memory (CPU) | disk (<run dir>/search_levels/ while it runs)
     rounds: int = 1                          # 2+: the database refit on the last best's pruned path, searched again
     shape: str = "free"                      # free: a level per part | uniform: one shape for all layers (all scored)
-    remove_empty_layers: bool = False        # evolution: a mutation may remove a whole layer
+    remove_empty_layers: bool = False        # evolution: a mutation may remove a layer's attention or MLP (both: the layer)
 
 
 @dataclass

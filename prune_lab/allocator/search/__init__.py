@@ -8,6 +8,9 @@
 3. evolution.py (EvoPress: level-switch mutations under the budget, multi-stage selection on growing
    token counts) or optuna_search.py (CMA-ES / TPE / GP over per-part shares projected on the budget).
 Seeds: the `global` plan of the job's importance scores snapped to levels, and the uniform shares.
+remove_empty_layers: every eligible part also has a drop level (all its units, a zero o_proj / down_proj),
+reached by a mutation on its own: a layer may lose its whole attention or its whole MLP and stay
+(plan.attn_blocks / mlp_blocks), or both (removed whole, plan.layers).
 The chosen counts (exact to one MLP channel of the budget) then go through the normal pipeline:
 reconstruct=obs refits each layer on its already-pruned predecessors (Týr's error accumulation).
 """
@@ -163,6 +166,8 @@ class Search(Allocator):
                         "best_fitness": rounds[-1]["best_fitness"], "trajectory": trajectory,
                         "levels": by_layer(parts, best), "global_levels": reference,
                         "layers_removed": budget.dropped_layers(best),
+                        "attn_blocks_removed": budget.dropped_blocks(best, "attn"),
+                        "mlp_blocks_removed": budget.dropped_blocks(best, "mlp"),
                         "reference": "uniform_shape" if self.shape == "uniform" else "global"}
         if self.shape == "uniform":
             self.summary["candidates"] = self.scored

@@ -1,8 +1,10 @@
 """The parameter budget over the level ladder: a candidate (one level per part) is feasible when it
 removes at most the target and at most one step less (the largest level step of any part), so that
 candidates compare at (almost) the same size; the plan is then made exact with single MLP channels.
-With droppable parts (allocator.remove_empty_layers) a layer's two parts reach their drop level
-together (the layer removed) and leave it together (back to their top levels)."""
+With droppable parts (allocator.remove_empty_layers) each part of a layer reaches its drop level on its
+own (the layer's whole attention, or its whole MLP, removed; both: the layer removed) and leaves it on
+its own (back to its top level). A part that cannot go `alone` (OPT's attention: it cannot run without
+heads) goes only with the other part of its layer, and comes back with it."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,19 +26,38 @@ class Budget:
             if len(pair) == 2:
                 self.partner[pair[0]], self.partner[pair[1]] = pair[1], pair[0]
 
-    def droppable_layers(self, levels: np.ndarray) -> np.ndarray:
-        """The attention part of every layer that may still be removed."""
-        return np.array([i for i, p in enumerate(self.parts) if p.kind == "attn" and self.partner[i] >= 0
-                         and levels[i] <= self.top[i]], dtype=int)
+    def droppable_parts(self, levels: np.ndarray) -> np.ndarray:
+        """Every part that may still be removed whole."""
+        return np.array([i for i in range(len(self.parts)) if self.partner[i] >= 0 and levels[i] <= self.top[i]],
+                        dtype=int)
 
     def drop(self, levels: np.ndarray, i: int) -> list[int]:
-        """Remove part i's layer (in place); returns both parts."""
+        """Remove part i whole (with its partner if it cannot go alone), in place; returns the parts changed."""
+        changed = [int(i)]
+        levels[i] = self.parts[i].drop
         j = int(self.partner[i])
-        levels[i], levels[j] = self.parts[i].drop, self.parts[j].drop
-        return [int(i), j]
+        if not self.parts[i].alone and levels[j] <= self.top[j]:
+            levels[j] = self.parts[j].drop
+            changed.append(j)
+        return changed
+
+    def restore(self, levels: np.ndarray, i: int) -> None:
+        """A removed part back at its top level (with its partner if that cannot stay removed alone), in place."""
+        levels[i] = self.top[i]
+        j = int(self.partner[i])
+        if not self.parts[j].alone and levels[j] > self.top[j]:
+            levels[j] = self.top[j]
 
     def dropped_layers(self, levels: np.ndarray) -> list[int]:
-        return sorted({p.layer for i, p in enumerate(self.parts) if levels[i] > self.top[i]})
+        """Layers removed whole (both parts at their drop level)."""
+        gone = [p.layer for i, p in enumerate(self.parts) if levels[i] > self.top[i]]
+        return sorted({layer for layer in gone if gone.count(layer) == 2})
+
+    def dropped_blocks(self, levels: np.ndarray, kind: str) -> list[int]:
+        """Layers that lose only their `kind` part ("attn" | "mlp") whole."""
+        whole = set(self.dropped_layers(levels))
+        return sorted(p.layer for i, p in enumerate(self.parts)
+                      if p.kind == kind and levels[i] > self.top[i] and p.layer not in whole)
 
     def params(self, levels: np.ndarray) -> int:
         return removed_params(self.parts, levels)
@@ -56,9 +77,8 @@ class Budget:
             free = movable[~np.isin(movable, keep)]
             movable = free if len(free) else movable
             i = rng.choice(movable)
-            if levels[i] > self.top[i]:              # a removed layer comes back at its top levels
-                j = self.partner[i]
-                levels[i], levels[j] = self.top[i], self.top[j]
+            if levels[i] > self.top[i]:              # a removed part comes back at its top level
+                self.restore(levels, i)
             else:
                 levels[i] += -1 if over > 0 else 1
         return levels

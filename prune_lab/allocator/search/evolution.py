@@ -1,8 +1,9 @@
 """allocator.searcher=evolution: EvoPress's algorithm (Sieberling et al., ICML'25) over the level database.
 
 One parent (the better of the seeds), each generation `offspring` children by level-switch mutations
-(1..`mutations` parts one level up or layers removed, biased to few (the smaller of two uniform draws),
-others down until the parameter budget holds again: budget moves between parts), then selection in stages on growing
+(1..`mutations` parts one level up, or with remove_empty_layers removed whole: a layer's attention or its
+MLP; biased to few (the smaller of two uniform draws), others down until the parameter budget holds
+again: budget moves between parts), then selection in stages on growing
 token counts (all children on the first stage's windows, the best quarter on the next, ...); the parent
 joins the last stage (elitist) and its winner is the next parent. With `pool` (resampling), every stage
 of every generation draws its windows at random from the pool's, so the search does not fit a fixed
@@ -23,9 +24,9 @@ def n_flips(rng: np.random.Generator, mutations: int) -> int:
 def mutate(levels: np.ndarray, budget: Budget, rng: np.random.Generator, flips: int = 1) -> np.ndarray:
     child = levels.copy()
     raised = []
-    for _ in range(flips):                 # a part one level up, or (remove_empty_layers) a layer removed
+    for _ in range(flips):                 # a part one level up, or (remove_empty_layers) a part removed whole
         up = np.flatnonzero(child < budget.top)
-        drops = budget.droppable_layers(child)
+        drops = budget.droppable_parts(child)
         if not len(up) + len(drops):
             break
         if not len(drops):

@@ -29,7 +29,8 @@ class Part:
     unit_cost: int            # parameters per unit
     searchable: bool = True   # outside allocator.layer_start/layer_end: level 0 only
     counts: tuple[int, ...] | None = None   # units removed at each level, when not steps (counts[0] = 0)
-    droppable: bool = False   # allocator.remove_empty_layers: level top + 1 = the part gone (its layer removed)
+    droppable: bool = False   # allocator.remove_empty_layers: level top + 1 = the part gone whole
+    alone: bool = True        # may go without the other part of its layer (not OPT's attention)
 
     @property
     def top(self) -> int:
@@ -40,7 +41,7 @@ class Part:
 
     @property
     def drop(self) -> int:
-        """The level past the ladder: every unit removed (only with the other part of its layer)."""
+        """The level past the ladder: every unit removed (the layer's whole attention or MLP)."""
         return self.top + 1
 
     def removed(self, level: int) -> int:
@@ -57,12 +58,14 @@ def ladder(views: list[LayerView], mlp_step: float, multiple_of: int, eligible: 
            droppable: bool = False) -> list[Part]:
     """Parts in layer order (attn, mlp of layer 0, then layer 1, ...). Attention: one GQA group per
     level (all counts); MLP: round(mlp_step * width) channels per level, on multiples of multiple_of.
-    `droppable`: each eligible part gets the drop level (the whole layer removed)."""
+    `droppable`: each eligible part gets the drop level (that part of the layer removed whole; an attention
+    that cannot run without heads, OPT's, only with its MLP: the layer removed)."""
     parts = []
     for v in views:
         step = max(multiple_of, int(round(mlp_step * v.mlp.width / multiple_of)) * multiple_of)
         ok = bool(eligible[v.index])
-        parts.append(Part(v.index, "attn", v.attn.num_kv_heads, 1, v.attn.group_cost, ok, droppable=droppable and ok))
+        parts.append(Part(v.index, "attn", v.attn.num_kv_heads, 1, v.attn.group_cost, ok, droppable=droppable and ok,
+                          alone=v.attn_can_empty))
         parts.append(Part(v.index, "mlp", v.mlp.width, step, v.mlp.channel_cost, ok, droppable=droppable and ok))
     return parts
 
@@ -174,7 +177,7 @@ class LevelBuilder(LayerMethod):
                     refit.lstsq(wc, g, keep.nonzero().squeeze(1), self.damp, drift).to(lin.weight.dtype)
                 levels.append(new.cpu())
                 errors.append(output_error(new, g, wc, energy) / energy if energy > 0 else 0.0)
-            if part.droppable:                   # a zero o_proj and down_proj: the layer is the identity
+            if part.droppable:                   # a zero o_proj / down_proj: the block gives zero (its bias)
                 levels.append(torch.zeros_like(lin.weight, device="cpu"))
                 errors.append(1.0)
             if self.at is not None:

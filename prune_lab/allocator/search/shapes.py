@@ -11,11 +11,12 @@ from .levels import Database
 
 
 def snap(plan: PruningPlan, budget: Budget, rng) -> np.ndarray:
-    """A plan's counts rounded onto the ladder (its removed layers at their drop level), then repaired."""
+    """A plan's counts rounded onto the ladder (its removed layers and blocks at their drop level), then repaired."""
     counts = [len((plan.attn if p.kind == "attn" else plan.mlp).get(p.layer, [])) for p in budget.parts]
     levels = np.array([min(p.top, int(round(c / p.step))) for p, c in zip(budget.parts, counts)])
-    for i, p in enumerate(budget.parts):     # the layers the global plan removes whole
-        if p.kind == "attn" and p.layer in plan.layers and budget.partner[i] >= 0:
+    for i, p in enumerate(budget.parts):     # the layers and blocks the plan removes whole
+        gone = plan.layers + (plan.attn_blocks if p.kind == "attn" else plan.mlp_blocks)
+        if p.layer in gone and budget.partner[i] >= 0 and levels[i] <= budget.top[i]:
             budget.drop(levels, i)
     return budget.repair(levels, rng)
 
@@ -34,13 +35,15 @@ def by_layer(parts, levels) -> dict:
 
 def to_plan(db: Database, levels: np.ndarray, target: int, adjust: bool = True) -> PruningPlan:
     """Units of every part's level (the database's greedy order), the budget then made exact to half
-    an MLP channel by single channels spread round-robin over the parts already pruned most."""
+    an MLP channel by single channels spread round-robin over the parts already pruned most. A part at
+    its drop level goes whole: plan.attn_blocks / mlp_blocks, both of a layer = the layer removed."""
     parts = db.parts
     counts = [p.removed(int(lv)) for p, lv in zip(parts, levels)]
-    dropped = sorted({p.layer for p, lv in zip(parts, levels) if p.droppable and lv > p.top})
+    gone = [p.droppable and lv > p.top for p, lv in zip(parts, levels)]
+    blocks = {kind: [p.layer for p, g in zip(parts, gone) if g and p.kind == kind] for kind in ("attn", "mlp")}
     left = target - sum(c * p.unit_cost for c, p in zip(counts, parts))
     mlp = [] if not adjust else \
-        sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable and p.layer not in dropped),
+        sorted((i for i, p in enumerate(parts) if p.kind == "mlp" and p.searchable and not gone[i]),
                key=lambda i: (-counts[i], i))
     turn = 0
     while mlp and abs(left) >= parts[mlp[0]].unit_cost / 2:
@@ -53,8 +56,8 @@ def to_plan(db: Database, levels: np.ndarray, target: int, adjust: bool = True) 
         counts[i] += d
         left -= d * parts[i].unit_cost
     attn, mlp_units = {}, {}
-    for p, c, order in zip(parts, counts, db.order):
-        if c and p.layer not in dropped:
+    for p, c, order, g in zip(parts, counts, db.order, gone):
+        if c and not g:
             ranked = list(order) + [u for u in range(p.units) if u not in set(order)]
             (attn if p.kind == "attn" else mlp_units)[p.layer] = ranked[:c]
-    return PruningPlan(attn, mlp_units, dropped, target)
+    return PruningPlan(attn, mlp_units, [], target, blocks["attn"], blocks["mlp"])
