@@ -49,6 +49,8 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "uniform_shape 50% (width only)": ["allocator=uniform_shape", "allocator.ratio=0.5", "allocator.max_removed_layers=0"],
     "search uniform shape 50%": ["allocator=search", "allocator.ratio=0.5", "allocator.shape=uniform"],
     "search evolution 50%, seeded by importance=obs": ["allocator=search", "allocator.ratio=0.5", "importance=obs"],
+    "search evolution 50%, remove_empty_layers (blocks or layers)": ["allocator=search", "allocator.ratio=0.5",
+                                                                     "allocator.remove_empty_layers=true"],
 }
 
 
@@ -66,7 +68,8 @@ def run_row(model: str, name: str, overrides: list[str], work: Path) -> dict:
         s = m["search"]
         row["search"] = {k: s.get(k) for k in ("searcher", "fitness_kind", "mutations", "resample", "trajectory", "evaluations", "tokens_evaluated", "decoder_layers_run",
                                            "database_seconds", "search_seconds", "database_bytes", "rounds", "seed_fitness",
-                                           "best_fitness", "levels", "global_levels")}
+                                           "best_fitness", "levels", "global_levels", "attn_blocks_removed",
+                                           "mlp_blocks_removed", "layers_removed")}
     return row
 
 

@@ -55,12 +55,12 @@ def prune(tp, llama_pruner, model, importance: str, batches, attn_ratio: float, 
         llama_pruner.TaylorImportance(group_reduction="sum", taylor="param_first")
     pruner = tp.pruner.MetaPruner(
         model, batches[0][:2, :8], importance=imp, global_pruning=False, iterative_steps=1, ch_sparsity=mlp_ratio,
-        ch_sparsity_dict={**{lay.self_attn.k_proj: attn_ratio for lay in layers},
+        ch_sparsity_dict={**{lay.self_attn.k_proj: attn_ratio for lay in layers if attn_ratio},
                           **{lay.mlp.gate_proj: mlp_ratio for lay in layers}},
         ignored_layers=[], channel_groups={},
-        consecutive_groups={lay.self_attn.k_proj: lay.self_attn.head_dim for lay in layers},
+        consecutive_groups={lay.self_attn.k_proj: lay.self_attn.head_dim for lay in layers if attn_ratio},
         customized_pruners={LlamaRMSNorm: llama_pruner.hf_rmsnorm_pruner}, root_module_types=None,
-        root_instances=[lay.self_attn.k_proj for lay in layers] + [lay.mlp.gate_proj for lay in layers])
+        root_instances=[lay.self_attn.k_proj for lay in layers if attn_ratio] + [lay.mlp.gate_proj for lay in layers])
     model.zero_grad()
     if importance == "taylor":
         for b in batches:
@@ -85,7 +85,9 @@ def main() -> None:
     ap.add_argument("--llm-pruner", default="/work/ext/LLM-Pruner", help="a checkout of LLM-Pruner")
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--ratio", type=float, default=0.25, help="of the decoder attention+MLP parameters")
-    ap.add_argument("--attn-ratio", type=float, default=0.34, help="k_proj ratio: 0.34 of 3 KV heads = one head")
+    ap.add_argument("--attn-ratio", type=float, default=0.34,
+                    help="k_proj ratio: 0.34 of 3 KV heads = one head; 0: MLP channels only (k_proj not a root)")
+    ap.add_argument("--rev", default=None, help="the checkout's commit, when it is not a git work tree")
     ap.add_argument("--only", default=None, help="comma-separated importances: l2, taylor")
     ap.add_argument("--windows", type=int, default=None)
     args = ap.parse_args()
@@ -97,7 +99,7 @@ def main() -> None:
 
     from prune_lab.eval.ppl import perplexities
     tp, llama_pruner = import_llm_pruner(args.llm_pruner)
-    rev = os.popen(f"git -C {args.llm_pruner} rev-parse --short HEAD 2>/dev/null").read().strip() or None
+    rev = os.popen(f"git -C {args.llm_pruner} rev-parse --short HEAD 2>/dev/null").read().strip() or args.rev
     versions = {"llm_pruner": rev, "torch": torch.__version__, "transformers": md.version("transformers")}
     torch.manual_seed(0)
     _, dense, batches, test = prune_lab_inputs(args.model)
@@ -108,15 +110,18 @@ def main() -> None:
         return {"ppl": got[None], f"ppl@{PREFIX}": got[PREFIX]}
 
     # the MLP ratio that makes 25% of the decoder: measured on a copy (magnitude, the shapes only)
-    probe = prune(tp, llama_pruner, copy.deepcopy(dense), "l2", batches, args.attn_ratio, 0.0)
-    attn_removed = before - decoder_linear_params(probe)
+    attn_removed = 0
+    if args.attn_ratio:
+        probe = prune(tp, llama_pruner, copy.deepcopy(dense), "l2", batches, args.attn_ratio, 0.0)
+        attn_removed = before - decoder_linear_params(probe)
+        del probe
     mlp_params = sum(lay.mlp.gate_proj.weight.numel() * 3 for lay in dense.model.layers)
     mlp_ratio = (args.ratio * before - attn_removed) / mlp_params
-    del probe
     rows = {r["setting"]: r for r in json.loads(OUT.read_text())} if OUT.exists() else {}
     for importance in args.only.split(",") if args.only else ["l2", "taylor"]:
         model = copy.deepcopy(dense)
-        row = {"setting": f"LLM-Pruner llama3.py block-wise, {importance}, {round(args.ratio * 100)}%",
+        row = {"setting": f"LLM-Pruner llama3.py block-wise, {importance}, {round(args.ratio * 100)}%"
+                          + ("" if args.attn_ratio else ", MLP only (no k_proj root)"),
                "versions": versions, "attn_ratio": args.attn_ratio, "mlp_ratio": mlp_ratio,
                "load": round(os.getloadavg()[0], 2), "windows": args.windows or "all"}
         start = time.time()
