@@ -55,6 +55,9 @@ def structured(ratio: float) -> dict[str, list[str]]:
         f"{p} taylor global lstsq": [*t, "reconstruct=lstsq"],
         f"{p} importance=obs global none": [*r, "reconstruct=none"],
         f"{p} FLAP (importance=flap reconstruct=bias)": [*r, "importance=flap", "reconstruct=bias"],
+        # FLAP as published: per-layer standardised scores (its adaptive structure search, AL-AM)
+        f"{p} FLAP as published (+ allocator.score_norm=standardize)": [
+            *r, "importance=flap", "reconstruct=bias", "allocator.score_norm=standardize"],
         f"{p} taylor uniform obs": [*t, "allocator=uniform"],
         f"{p} taylor uniform none": [*t, "allocator=uniform", "reconstruct=none"],
         f"{p} taylor layerwise obs": [*t, "allocator=layerwise"],
@@ -86,8 +89,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
            for s, o in (("50%", ["method.sparsity=0.5"]), ("2:4", ["method.prune_n=2", "method.prune_m=4"]))},
         "GPTQ 4-bit g128 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *G128],
         "GPTQ 4-bit g64 (sym, act order)": ["method=sparsegpt", "method.sparsity=0", *gptq4(64)],
-        "GPTQ 4-bit g32 asym (Q4_1's grid)": ["method=sparsegpt", "method.sparsity=0", *G128,
-                                              "quant.sym=false", "quant.group_size=32"],
+        "GPTQ 4-bit g32 asym (Q4_1's grid)": ["method=sparsegpt", "method.sparsity=0", *gptq4(32), "quant.sym=false"],
         "mixed 4.0 bits (budget, g128)": ["method=sparsegpt", "method.sparsity=0", "quant=mixed",
                                           "quant.group_size=128", "quant.act_order=true"],
         "sparsegpt 50% + GPTQ 4-bit g128": ["method=sparsegpt", "method.sparsity=0.5", *G128],
