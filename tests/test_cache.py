@@ -183,3 +183,18 @@ def test_unwritable_or_full_cache_dir_warns_and_the_job_finishes(tmp_path, text_
     store = ScoreCache(tmp_path / "full")
     store.put("f" * 32, {"layer": torch.ones(3)})
     assert list((tmp_path / "full" / "scores").iterdir()) == []     # no temp file left behind
+
+
+def test_a_new_criterion_version_is_a_cache_miss(tmp_path, text_files, monkeypatch):
+    """The key holds the criterion's code version: scores of older code are never handed back."""
+    from prune_lab.importance.taylor import Taylor
+    from prune_lab.layer_importance.base import LayerImportance
+    cache._MEMORY.clear()
+    taylor = ("importance=taylor",)
+    assert scores_reused(tmp_path, text_files, "v1", *taylor) == {"reused": False, "layer_reused": False}
+    assert scores_reused(tmp_path, text_files, "v1b", *taylor) == {"reused": True, "layer_reused": True}
+    monkeypatch.setattr(Taylor, "version", Taylor.version + 1)
+    assert scores_reused(tmp_path, text_files, "v2", *taylor) == {"reused": False, "layer_reused": True}
+    assert scores_reused(tmp_path, text_files, "v2b", *taylor) == {"reused": True, "layer_reused": True}
+    monkeypatch.setattr(LayerImportance, "version", LayerImportance.version + 1)
+    assert scores_reused(tmp_path, text_files, "v3", *taylor) == {"reused": True, "layer_reused": False}

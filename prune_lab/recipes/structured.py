@@ -166,7 +166,7 @@ def score(job: Job, parts: Parts):
         if parts.wants_units:
             batches = job.calibration_batches()
             tokens = tokens_fingerprint(batches)
-            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, code=parts.importance.code_identity(),
                             importance=OmegaConf.to_container(cfg.importance, resolve=True))
             scores, record["scores"]["reused"] = cache.unit_scores(
                 key, lambda: parts.importance(job.model, batches, cfg.seed), enabled=parts.importance.cacheable)
@@ -176,7 +176,7 @@ def score(job: Job, parts: Parts):
         if parts.wants_layers:
             layer_batches = job.calibration_batches(parts.layer_importance.n_samples)
             tokens = tokens_fingerprint(layer_batches)
-            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed,
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, code=parts.layer_importance.code_identity(),
                             layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
             layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
                 key, lambda: parts.layer_importance(job.model, layer_batches), enabled=parts.layer_importance.cacheable)
