@@ -8,6 +8,9 @@ are refit on calibration statistics so that the layer's output changes as little
   lstsq  W'_K = W C[:, K] (G_KK + λI)⁻¹ on the pruned path (see refit.py)
   obs    structured OBS picks *which* units inside each layer (the allocator's counts), then lstsq;
          obs_block units per step (0: automatic, ceil(units/64) halved where they interact; 1: exact greedy)
+With producers=true (lstsq/obs), every layer after the first modified one also refits the linears that
+read the drifted pruned-path input, q/k/v before o_proj and gate/up before down_proj, towards their dense
+outputs with a ridge that pulls towards the dense weights (refit.anchored_lstsq); two more stages a layer.
 The model keeps its dense shape with the removed columns zeroed (the masked model); the executor
 then slices. The tensor math is in refit.py. The returned plan holds the units actually removed.
 """
@@ -19,7 +22,7 @@ import torch
 
 from ..core.executor import ensure_bias, zero_units
 from ..core.plan import PruningPlan
-from ..engine import LayerMethod
+from ..engine import LayerMethod, linear_at
 from ..engine.stats import output_error
 from ..errors import PruneLabError
 from . import refit
@@ -34,19 +37,32 @@ class PlanRefit(LayerMethod):
     needs_gram, needs_cross = True, True
 
     def __init__(self, plan: PruningPlan, mode: str, damp: float, fit_bias: bool, obs_block: int,
-                 residual: bool = False):
+                 residual: bool = False, producers: bool = False):
         self.plan, self.mode, self.damp, self.obs_block = plan, mode, damp, obs_block
+        touched = [*plan.attn, *plan.mlp, *plan.layers, *plan.attn_blocks, *plan.mlp_blocks]
+        # the streams are one up to the first modified layer: no drift for a producer refit to correct
+        self.producers_from = min(touched) if producers and touched else None
         self.with_bias = mode == "bias" or fit_bias
         self.needs_residual = residual and mode in ("lstsq", "obs")
         self.removed: dict[str, dict[int, list[int]]] = {"attn": {}, "mlp": {}}
         self.rows: list[dict] = []
 
     def stages(self, view) -> list[list[str]]:
-        i = view.index
-        return [s for s, units in ((["attn.o"], self.plan.attn), (["mlp.down"], self.plan.mlp)) if i in units]
+        i, plan = view.index, self.plan
+        start, alive = self.producers_from, i not in plan.layers
+        attn_drift = start is not None and alive and i > start and i not in plan.attn_blocks
+        # the MLP input drifts from the first modified layer's attention on
+        mlp_drift = start is not None and alive and i not in plan.mlp_blocks and \
+            (i > start or (i == start and (i in plan.attn or i in plan.attn_blocks)))
+        attn_in = ["attn.q", "attn.k", "attn.v"] if attn_drift else None
+        mlp_in = ["mlp.gate", "mlp.up"][view.mlp.gate is None:] if mlp_drift else None
+        return [s for s, on in ((attn_in, True), (["attn.o"], i in plan.attn), (mlp_in, True),
+                                (["mlp.down"], i in plan.mlp)) if s and on]
 
     @torch.no_grad()
     def apply(self, index: int, view, stats) -> dict:
+        if not stats.keys() & {"attn.o", "mlp.down"}:
+            return self.refit_producers(index, view, stats)
         (path, s), = stats.items()
         kind = path.split(".")[0]
         if kind == "attn":
@@ -91,6 +107,26 @@ class PlanRefit(LayerMethod):
         self.rows.append(row)
         return row
 
+    @torch.no_grad()
+    def refit_producers(self, index: int, view, stats) -> dict:
+        """q/k/v or gate/up (one shared input) towards their dense outputs: refit.anchored_lstsq."""
+        paths = list(stats)
+        lins = [linear_at(view, p) for p in paths]
+        s0 = stats[paths[0]]
+        g = s0.gram.double()
+        wcs = [stats[p].w_cross(lin.weight) for p, lin in zip(paths, lins)]
+        new = refit.anchored_lstsq(wcs, g, [lin.weight for lin in lins], self.damp)
+        energy = sum(stats[p].w_energy(lin.weight) for p, lin in zip(paths, lins))
+        scale = max(float(energy), 1e-30)
+        before = sum(output_error(lin.weight, g, wc, stats[p].w_energy(lin.weight)) for p, lin, wc in zip(paths, lins, wcs))
+        after = sum(output_error(w, g, wc, stats[p].w_energy(lin.weight)) for p, lin, wc, w in zip(paths, lins, wcs, new))
+        for lin, w in zip(lins, new):
+            lin.weight.copy_(w.to(lin.weight.dtype))
+        row = {"layer": index, "kind": paths[0].split(".")[0] + "_in", "removed": 0,
+               "err_before": before / scale, "err_after": after / scale}
+        self.rows.append(row)
+        return row
+
     def final_plan(self) -> PruningPlan:
         return PruningPlan(self.removed["attn"], self.removed["mlp"], self.plan.layers, self.plan.target_params,
                            self.plan.attn_blocks, self.plan.mlp_blocks)
@@ -100,7 +136,7 @@ class Reconstruct:
     """reconstruct=<mode>: refits the consumer projections of a plan in one engine pass."""
 
     def __init__(self, mode: str = "obs", damp: float = 0.01, fit_bias: bool = False, obs_block: int = 0,
-                 residual: bool = True, obs_chunk: int | None = None):
+                 residual: bool = True, obs_chunk: int | None = None, producers: bool = False):
         if mode not in MODES:
             raise PruneLabError(f"reconstruct.mode must be one of {', '.join(MODES)}, got '{mode}'")
         if not 0 < damp < 1:    # from 1 up the ridge (towards 0) outweighs the data (experiments/reconstruct_damp.py)
@@ -112,7 +148,10 @@ class Reconstruct:
         if obs_block < 0:
             raise PruneLabError(f"reconstruct.obs_block must be >= 0 (0 = automatic, 1 = exact greedy), got {obs_block}")
         self.mode, self.damp, self.fit_bias, self.obs_block = mode, float(damp), fit_bias, obs_block
-        self.residual = residual
+        if producers and mode not in ("lstsq", "obs"):
+            raise PruneLabError(f"reconstruct.producers=true refits q/k/v and gate/up next to the lstsq/obs refit "
+                                f"of o_proj/down_proj: use reconstruct=obs or lstsq, not {mode}")
+        self.residual, self.producers = residual, producers
 
     @property
     def enabled(self) -> bool:
@@ -138,7 +177,7 @@ class Reconstruct:
             return plan, []
         # removed layers are the identity, an emptied block (nothing kept to refit) gives zero on the pruned path
         zero_units(model, PruningPlan(layers=plan.layers, attn_blocks=plan.attn_blocks, mlp_blocks=plan.mlp_blocks))
-        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_block, self.residual)
+        method = PlanRefit(plan, self.mode, self.damp, self.fit_bias, self.obs_block, self.residual, self.producers)
         engine.walk(model, batches, method)
         return method.final_plan(), method.rows
 

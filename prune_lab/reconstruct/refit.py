@@ -21,6 +21,11 @@ ADAPTIVE_TOL = 0.1   # obs_select(adaptive=True): joint error allowed above the 
 
 def damped_cholesky(h: Tensor, damp: float) -> Tensor:
     """Lower Cholesky factor of h + λI, λ = damp·mean(diag h), raised until it factorises."""
+    return damped_factor(h, damp)[0]
+
+
+def damped_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """(lower Cholesky factor of h + λI, the λ it took): λ = damp·mean(diag h), raised until it factorises."""
     mean_diag = h.diagonal().mean().clamp_min(1e-12)
     lam = damp * mean_diag
     for _ in range(MAX_DAMP_RAISES + 1):
@@ -29,7 +34,7 @@ def damped_cholesky(h: Tensor, damp: float) -> Tensor:
         factor, info = torch.linalg.cholesky_ex(damped)
         del damped
         if int(info) == 0 and torch.isfinite(factor).all():
-            return factor
+            return factor, lam
         lam = lam * 10
     raise PruneLabError("the calibration Gram matrix is not positive definite even with damping "
                         "raised 10^6-fold: calibration data contain NaN/inf?")
@@ -72,6 +77,16 @@ def lstsq(wc: Tensor, g: Tensor, keep: Tensor, damp: float, drift: Tensor | None
     out = torch.zeros_like(wc)
     out[:, keep] = sol
     return out
+
+
+def anchored_lstsq(wcs: list[Tensor], g: Tensor, ws: list[Tensor], damp: float) -> list[Tensor]:
+    """Refit of linears that keep every input (the producers q/k/v, gate/up on the drifted pruned path):
+    W' = argmin ||W X - W' X~||² + λ||W' - W||² = (W·C + λW)(G + λI)⁻¹, one factor for the linears that
+    share the input. The ridge pulls towards the dense W (not towards 0): on one stream W' = W exactly."""
+    factor, lam = damped_factor(g, damp)
+    rhs = torch.cat([wc + lam * w.double() for wc, w in zip(wcs, ws)])
+    sol = torch.cholesky_solve(rhs.T, factor).T
+    return list(sol.split([w.shape[0] for w in ws]))
 
 
 def obs_on_refit(wc: Tensor, g: Tensor, drift: Tensor | None, n_blocks: int, width: int, k: int, damp: float,

@@ -127,6 +127,7 @@ class ReconstructConf:
     fit_bias: bool = False                   # lstsq/obs: affine fit (adds a bias to o_proj/down_proj)
     obs_block: int = 0                       # obs: units per OBS step (0 = auto: <= count/64, adaptive; 1 = exact greedy)
     residual: bool = True                    # lstsq/obs: the refit also absorbs the residual-stream drift
+    producers: bool = False                  # lstsq/obs: also refit q/k/v, gate/up on the drifted pruned path
     obs_chunk: Optional[int] = None          # renamed obs_block: set, it is an error that says so
 
 
