@@ -133,7 +133,7 @@ def fmt(x, spec: str = ".2f") -> str:
 def report(work: Path) -> None:
     rows = lambda name: [json.loads(x) for x in (work / f"{name}.jsonl").read_text().splitlines()] \
         if (work / f"{name}.jsonl").exists() else []  # noqa: E731
-    lines = [OUT.read_text().split("<!-- tables -->")[0].rstrip() + "\n\n<!-- tables -->\n"] if OUT.exists() else \
+    lines = [OUT.read_text().split("\n<!-- tables -->\n")[0].rstrip() + "\n\n<!-- tables -->\n"] if OUT.exists() else \
         ["# Engine speed\n\n<!-- tables -->\n"]
     obs = rows("obs")
     for threads in sorted({r["threads"] for r in obs}):
