@@ -30,6 +30,15 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "search evolution 25%, 2048 fitness tokens, 20 generations": [
         "allocator=search", "allocator.ratio=0.25", "allocator.fitness_tokens=2048", "allocator.generations=20",
         "eval.ppl.max_windows=64"],
+    "search evolution 50%, 2048 fitness tokens, 20 generations": [
+        "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
+        "eval.ppl.max_windows=64"],
+    "search evolution 50%, 2048 fitness tokens, 20 generations, remove_empty_layers": [
+        "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
+        "allocator.remove_empty_layers=true", "eval.ppl.max_windows=64"],
+    "search evolution 50%, 2048 fitness tokens, 20 generations, producers refit": [
+        "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
+        "reconstruct.producers=true", "eval.ppl.max_windows=64"],
     "global 50%": ["allocator.ratio=0.5"],
     "importance=obs 50%": ["importance=obs", "allocator.ratio=0.5"],
     "search evolution 50%": ["allocator=search", "allocator.ratio=0.5"],
@@ -39,6 +48,8 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     # 224 trials x 8192 tokens = 1.84M tokens: the evolution's 50% row evaluates 1.78M (1108 evaluations)
     "search optuna (CMA-ES) 50%, 224 trials": ["allocator=search", "allocator.ratio=0.5",
                                                           "allocator.searcher=optuna", "allocator.generations=14"],
+    # the searched counts, then q/k/v and gate/up refit too (reconstruct.producers=true) on the pruned path
+    "search evolution 50%, producers refit": ["allocator=search", "allocator.ratio=0.5", "reconstruct.producers=true"],
     "search evolution 50%, ppl fitness": ["allocator=search", "allocator.ratio=0.5", "allocator.fitness=ppl"],
     # a second round on the database refit along the first round's best shape (Týr's error accumulation)
     "search evolution 50%, rounds=2": ["allocator=search", "allocator.ratio=0.5", "allocator.rounds=2"],
