@@ -46,6 +46,15 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def code_version_part(version: int) -> dict:
+    """The criterion's code version as a score-cache key part. The config in the key already names the
+    class (its _target_); version 1 adds nothing, so entries written before versions existed (the same
+    arithmetic) stay valid, and every later version is a key of its own."""
+    if version < 1:
+        raise ValueError(f"a criterion's version starts at 1, got {version}")
+    return {} if version == 1 else {"code_version": version}
+
+
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 

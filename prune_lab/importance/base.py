@@ -11,15 +11,12 @@ from ..core.scores import UnitScores
 class Importance:
     """Base class. `cacheable`: the pipeline may keep the scores in the score cache. `version`: the
     criterion's arithmetic; bump it when a change (here or in the engine code it calls) changes its
-    scores, so the score cache (keyed by content, not code) never hands back scores of older code."""
+    scores, so the score cache (keyed by content and config, not code) never hands back scores of older
+    code (cache.scores.code_version_part puts it in the key)."""
 
     cacheable = True
     name = "importance"
     version = 1
-
-    def code_identity(self) -> str:
-        """Which code computes the scores: part of the score-cache key."""
-        return f"{type(self).__module__}.{type(self).__qualname__} v{self.version}"
 
     def __call__(self, model, batches: list[torch.Tensor], seed: int = 0) -> UnitScores:
         raise NotImplementedError

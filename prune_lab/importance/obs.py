@@ -87,6 +87,7 @@ class ObsError(Importance):
     """importance=obs (see the module docstring)."""
 
     name = "obs"
+    version = 2          # refit.obs_select rewritten in 2ff3081 (lazy block downdates): older entries not trusted
 
     def __init__(self, damp: float = 0.01, weighted: bool = True, chunks: int = 64, engine=None):
         if chunks < 1:

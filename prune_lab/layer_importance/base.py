@@ -18,17 +18,13 @@ class LayerImportance:
 
     n_samples: calibration windows for layer importance (null = calibration.n_samples), so layer
     and unit importance can use different amounts of data (the original used 50 and 10).
-    `cacheable`: the pipeline may keep the scores in the score cache; `version` (with the class) is
-    part of its key, so scores of older code are never reused.
+    `cacheable`: the pipeline may keep the scores in the score cache; `version` (the criterion's
+    arithmetic) is part of its key, so scores of older code are never reused.
     """
 
     cacheable = True
     name = "layer_importance"
     version = 1          # the criterion's arithmetic: bump it when its scores change (score-cache key)
-
-    def code_identity(self) -> str:
-        """Which code computes the scores: part of the score-cache key."""
-        return f"{type(self).__module__}.{type(self).__qualname__} v{self.version}"
 
     def __init__(self, n_samples: int | None = None):
         if n_samples is not None and n_samples < 1:

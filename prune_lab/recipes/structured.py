@@ -21,7 +21,7 @@ from ..artifacts.reconstruct_errors import write_errors
 from ..artifacts.scores import save_scores
 from ..artifacts.search_plots import write_search_plot
 from ..atomic import atomic_path
-from ..cache.scores import ScoreCache, cache_key, model_fingerprint, tokens_fingerprint
+from ..cache.scores import ScoreCache, cache_key, code_version_part, model_fingerprint, tokens_fingerprint
 from ..core.adapter import layer_shapes, layer_views, refuse_emptied
 from ..core.executor import apply_plan
 from ..core.plan import PruningPlan
@@ -166,8 +166,8 @@ def score(job: Job, parts: Parts):
         if parts.wants_units:
             batches = job.calibration_batches()
             tokens = tokens_fingerprint(batches)
-            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, code=parts.importance.code_identity(),
-                            importance=OmegaConf.to_container(cfg.importance, resolve=True))
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, **code_version_part(
+                parts.importance.version), importance=OmegaConf.to_container(cfg.importance, resolve=True))
             scores, record["scores"]["reused"] = cache.unit_scores(
                 key, lambda: parts.importance(job.model, batches, cfg.seed), enabled=parts.importance.cacheable)
             scores.check_finite(f"importance={parts.importance.name}", "fp16 overflow? use model.dtype=bfloat16 "
@@ -176,8 +176,8 @@ def score(job: Job, parts: Parts):
         if parts.wants_layers:
             layer_batches = job.calibration_batches(parts.layer_importance.n_samples)
             tokens = tokens_fingerprint(layer_batches)
-            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, code=parts.layer_importance.code_identity(),
-                            layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
+            key = cache_key(model=fingerprint, tokens=tokens, seed=cfg.seed, **code_version_part(
+                parts.layer_importance.version), layer=OmegaConf.to_container(cfg.layer_importance, resolve=True))
             layer_scores, record["scores"]["layer_reused"] = cache.layer_scores(
                 key, lambda: parts.layer_importance(job.model, layer_batches), enabled=parts.layer_importance.cacheable)
             origin |= parts.layer_importance.origin(tokens)
