@@ -36,6 +36,9 @@ ROWS = {   # name: overrides (no recovery, default calibration, reconstruct=obs)
     "search evolution 50%, 2048 fitness tokens, 20 generations, remove_empty_layers": [
         "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
         "allocator.remove_empty_layers=true", "eval.ppl.max_windows=64"],
+    "search evolution 50%, 2048 fitness tokens, 20 generations, remove_empty_layers, producers refit": [
+        "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
+        "allocator.remove_empty_layers=true", "reconstruct.producers=true", "eval.ppl.max_windows=64"],
     "search evolution 50%, 2048 fitness tokens, 20 generations, producers refit": [
         "allocator=search", "allocator.ratio=0.5", "allocator.fitness_tokens=2048", "allocator.generations=20",
         "reconstruct.producers=true", "eval.ppl.max_windows=64"],
