@@ -112,14 +112,13 @@ class PlanRefit(LayerMethod):
         """q/k/v or gate/up (one shared input) towards their dense outputs: refit.anchored_lstsq."""
         paths = list(stats)
         lins = [linear_at(view, p) for p in paths]
-        s0 = stats[paths[0]]
-        g = s0.gram.double()
+        g = stats[paths[0]].gram.double()          # the linears share one input, one Gram
         wcs = [stats[p].w_cross(lin.weight) for p, lin in zip(paths, lins)]
+        energies = [stats[p].w_energy(lin.weight) for p, lin in zip(paths, lins)]
         new = refit.anchored_lstsq(wcs, g, [lin.weight for lin in lins], self.damp)
-        energy = sum(stats[p].w_energy(lin.weight) for p, lin in zip(paths, lins))
-        scale = max(float(energy), 1e-30)
-        before = sum(output_error(lin.weight, g, wc, stats[p].w_energy(lin.weight)) for p, lin, wc in zip(paths, lins, wcs))
-        after = sum(output_error(w, g, wc, stats[p].w_energy(lin.weight)) for p, lin, wc, w in zip(paths, lins, wcs, new))
+        scale = max(float(sum(energies)), 1e-30)
+        before = sum(output_error(lin.weight, g, wc, e) for lin, wc, e in zip(lins, wcs, energies))
+        after = sum(output_error(w, g, wc, e) for w, wc, e in zip(new, wcs, energies))
         for lin, w in zip(lins, new):
             lin.weight.copy_(w.to(lin.weight.dtype))
         row = {"layer": index, "kind": paths[0].split(".")[0] + "_in", "removed": 0,
