@@ -130,11 +130,19 @@ def fmt(x, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def merged(old_tables: str, new_lines: list[str]) -> str:
+    """The tables after the marker: a table of this work dir replaces the one of the same heading, the others
+    (measured from other work dirs) stay where they are."""
+    def sections(text: str) -> dict[str, str]:
+        return {s.split("\n", 1)[0]: "### " + s.strip("\n") for s in text.split("\n### ")[1:]}
+    return "\n\n".join((sections("\n" + old_tables) | sections("\n" + "\n".join(new_lines))).values())
+
+
 def report(work: Path) -> None:
     rows = lambda name: [json.loads(x) for x in (work / f"{name}.jsonl").read_text().splitlines()] \
         if (work / f"{name}.jsonl").exists() else []  # noqa: E731
-    lines = [OUT.read_text().split("\n<!-- tables -->\n")[0].rstrip() + "\n\n<!-- tables -->\n"] if OUT.exists() else \
-        ["# Engine speed\n\n<!-- tables -->\n"]
+    head, _, old_tables = (OUT.read_text() if OUT.exists() else "# Engine speed\n").partition("\n<!-- tables -->\n")
+    lines: list[str] = []
     obs = rows("obs")
     for threads in sorted({r["threads"] for r in obs}):
         lines += [f"\n### reconstruct=obs pass / one calibration forward, lab-llama, {threads} thread(s)\n",
@@ -150,7 +158,7 @@ def report(work: Path) -> None:
                              f"| {len(rs)} | {med('err_after'):.4f} | {med('load'):.1f} |")
     sm = rows("smollm2")
     if sm:
-        lines += ["\n### reconstruct=obs pass on SmolLM2-135M, first layers only, old and new side by side\n",
+        lines += ["\n### reconstruct=obs pass on SmolLM2-135M, first layers / all layers, old and new side by side\n",
                   "| plan | layers | variant | pass s | s / layer | forward s | pass / forward | new / old | err_after "
                   "| threads | load |", "|---" * 11 + "|"]
         for r in sm:
@@ -180,7 +188,7 @@ def report(work: Path) -> None:
             lines.append(f"| {r['setting']} | {fmt(r.get('old_s'), '.1f')} | {r['new_s']:.1f} | {r['llmc_s']:.1f} | "
                          f"{r['new_s'] / r['llmc_s']:.2f}x | {fmt(r.get('old_ppl'))} | {r['new_ppl']:.2f} | "
                          f"{r['llmc_ppl']:.2f} | {r['threads']} | {r['load']} |")
-    OUT.write_text("\n".join(lines) + "\n")
+    OUT.write_text(head.rstrip() + "\n\n<!-- tables -->\n\n" + merged(old_tables, lines) + "\n")
     print(OUT)
 
 
